@@ -1,0 +1,64 @@
+"""The cases a check expands over: model x variant x dtype (x padding), with human ids."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from conformance.environment import Environment
+from conformance.variants import Variant
+from conformance.zoo import ZooModel
+
+PAD_IDS = {"none": "nopad", "right": "pad_right", "left": "pad_left"}
+
+
+@dataclass(frozen=True)
+class Case:
+    model: ZooModel
+    variant: Variant
+    dtype: str
+    padding: str | None = None
+
+    @property
+    def id(self) -> str:
+        parts = [self.model.name, self.variant.id, self.dtype]
+        if self.padding is not None:
+            parts.append(PAD_IDS[self.padding])
+        return "-".join(parts)
+
+    @property
+    def claims(self) -> tuple[str, ...]:
+        return self.variant.claims
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What this run covers, decided once from the command line."""
+
+    models: tuple[ZooModel, ...]
+    variants: tuple[Variant, ...]
+    dtypes: tuple[str, ...]
+    env: Environment
+
+
+def expand(
+    selection: Selection,
+    paddings: tuple[str, ...] | None = None,
+    kinds: frozenset[str] | None = None,
+    variant_filter: Any = None,
+) -> list[tuple[Case, str | None]]:
+    """(case, skip reason or None) for every applicable combination, in a stable order."""
+    out = []
+    for model in selection.models:
+        if kinds is not None and model.kind not in kinds:
+            continue
+        for variant in selection.variants:
+            if model.kind not in variant.kinds:
+                continue
+            if variant_filter is not None and not variant_filter(variant):
+                continue
+            for dtype in selection.dtypes:
+                reason = variant.needs.unmet(selection.env, dtype)
+                for padding in paddings or (None,):
+                    out.append((Case(model, variant, dtype, padding), reason))
+    return out

@@ -1,0 +1,82 @@
+"""What a variant needs to run, and the skip reason that says what is missing and where it runs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from packaging.specifiers import SpecifierSet
+
+from conformance.compat import installed_version
+from conformance.environment import Environment
+
+LEGACY_STACK = "the legacy stack (transformers 4.48.x + optimum 1.27: `nox -s legacy`)"
+CURRENT_STACK = "the current stack (`nox -s current`)"
+GPU_RUNNER = "a CUDA GPU runner (`--device cuda`)"
+
+
+@dataclass(frozen=True)
+class Needs:
+    """Declarative requirements; `unmet` turns them into one human reason."""
+
+    packages: Mapping[str, str] = field(default_factory=dict)  # distribution -> specifier
+    # extra package needs on one device kind, e.g. bitsandbytes on CPU needs a newer transformers
+    packages_on: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    devices: frozenset[str] = frozenset({"cpu", "cuda"})
+    min_capability: tuple[int, int] | None = None
+    # allowed dtypes per device kind; a kind missing here allows every dtype
+    dtypes: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    where: str = ""  # where the variant does run, for the skip reason
+    predicate: tuple[str, ...] = ()  # names of extra checks in PREDICATES
+
+    def unmet(self, env: Environment, dtype: str | None = None) -> str | None:
+        """None when the variant can run here, else a reason naming what is missing."""
+        missing = []
+        wanted = {**self.packages, **self.packages_on.get(env.kind, {})}
+        for dist, spec in wanted.items():
+            found = installed_version(dist)
+            if found is None:
+                missing.append(f"{dist}{spec} (not installed)")
+            elif spec and not SpecifierSet(spec, prereleases=True).contains(found):
+                missing.append(f"{dist}{spec} (installed: {found})")
+        if missing:
+            on = f" on {env.kind}" if env.kind in self.packages_on else ""
+            return self._reason("needs " + " and ".join(missing) + on)
+        if env.kind not in self.devices:
+            wanted = " or ".join(sorted(self.devices))
+            return self._reason(f"needs a {wanted} device (this run: {env.kind})", GPU_RUNNER)
+        if self.min_capability and (env.capability or (0, 0)) < self.min_capability:
+            cc = ".".join(map(str, self.min_capability))
+            return self._reason(f"needs compute capability >= {cc} (this device: {env.capability})")
+        allowed = self.dtypes.get(env.kind)
+        if dtype is not None and allowed is not None and dtype not in allowed:
+            return self._reason(f"supports {'/'.join(sorted(allowed))} on {env.kind}, not {dtype}")
+        for name in self.predicate:
+            reason = PREDICATES[name]()
+            if reason:
+                return self._reason(reason)
+        return None
+
+    def _reason(self, what: str, default_where: str = "") -> str:
+        where = self.where or default_where
+        return f"{what}: run on {where}" if where else what
+
+
+def _legacy_sdp_kernel_missing() -> str | None:
+    from conformance.compat import has_legacy_sdp_kernel
+
+    return None if has_legacy_sdp_kernel() else "needs torch.backends.cuda.sdp_kernel (removed)"
+
+
+def _flash_attn_importable() -> str | None:
+    try:
+        import flash_attn  # noqa: F401
+    except Exception as exc:  # an installed flash-attn built for another torch fails here
+        return f"flash-attn does not import ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+    return None
+
+
+PREDICATES = {
+    "legacy_sdp_kernel": _legacy_sdp_kernel_missing,
+    "flash_attn_importable": _flash_attn_importable,
+}

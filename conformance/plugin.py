@@ -1,0 +1,264 @@
+"""The pytest plugin: options, markers, case expansion, fixtures, header and report.json.
+
+Hooks and fixtures only; torch and transformers are imported when a check first needs them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conformance.compat import DTYPE_NAMES
+from conformance.report import Record, Report
+
+CLAIM_RE = re.compile(r"^(C\d\d|REF)$")
+CLAIM_IDS = [f"C{n:02d}" for n in range(1, 17)] + ["REF"]
+SELECTION = pytest.StashKey["Any"]()
+PROFILE = pytest.StashKey[str]()
+USER_MODELS = pytest.StashKey["tuple[Any, ...]"]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("conformance", "optimized-inference conformance")
+    group.addoption("--model", action="append", default=[], metavar="PATH_OR_ID",
+                    help="checkpoint directory, cached hub id or zoo name; repeatable; replaces the zoo")
+    group.addoption("--variant", action="append", default=[], metavar="GLOB",
+                    help="run only variants matching this glob (e.g. 'sdpa_*'); repeatable")
+    group.addoption("--device", default=None, metavar="cpu|cuda|cuda:N",
+                    help="device under test (default: cuda if available, else cpu)")
+    group.addoption("--dtype", action="append", default=[], choices=DTYPE_NAMES,
+                    help="run only these dtypes (default: fp32,bf16 on cpu; fp16,bf16,fp32 on cuda)")
+    group.addoption("--conformance-report", default=None, metavar="DIR",
+                    help="write DIR/report.json with every result and its figures")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for claim in CLAIM_IDS:
+        config.addinivalue_line("markers", f"{claim}: checks documented claim {claim} (SPEC.md)")
+    config.addinivalue_line("markers", "smoke: one model through each variant (floor-stack smoke run)")
+    config.addinivalue_line("markers", "cases(paddings=None, kinds=None): how a check expands")
+    _load_hypothesis_profile(config)
+    _validate_options(config)
+    if config.getoption("conformance_report"):
+        config.pluginmanager.register(ReportCollector(config), "conformance-report")
+
+
+def _load_hypothesis_profile(config: pytest.Config) -> None:
+    from hypothesis import settings
+
+    from conformance import profiles
+
+    profiles.register()
+    chosen = config.getoption("hypothesis_profile", None)
+    if chosen is None:
+        chosen = "ci" if os.environ.get("CI") else "dev"
+        settings.load_profile(chosen)
+    config.stash[PROFILE] = chosen
+
+
+def _validate_options(config: pytest.Config) -> None:
+    """Bad input is one clear line and exit code 4, never a traceback."""
+    from conformance import variants, zoo
+
+    _, unmatched = variants.select(config.getoption("variant"))
+    if unmatched:
+        raise pytest.UsageError(
+            f"--variant {unmatched[0]!r} matches no variant (known: {', '.join(variants.REGISTRY)})"
+        )
+    specs = config.getoption("model")
+    if specs:
+        default = zoo.default_zoo()
+        try:
+            config.stash[USER_MODELS] = tuple(zoo.resolve(spec, default) for spec in specs)
+        except zoo.ZooError as exc:
+            raise pytest.UsageError(str(exc)) from None
+    device = config.getoption("device")
+    if device is not None:
+        from conformance.environment import validate_device
+
+        problem = validate_device(device)
+        if problem:
+            raise pytest.UsageError(problem)
+    report_dir = config.getoption("conformance_report")
+    if report_dir and Path(report_dir).exists() and not Path(report_dir).is_dir():
+        raise pytest.UsageError(f"--conformance-report {report_dir}: exists and is not a directory")
+
+
+def selection(config: pytest.Config) -> Any:
+    """Models x variants x dtypes for this run, decided once (imports torch on first use)."""
+    if SELECTION in config.stash:
+        return config.stash[SELECTION]
+    from conformance import variants, zoo
+    from conformance.cases import Selection
+    from conformance.environment import default_device, probe
+
+    env = probe(config.getoption("device") or default_device())
+    models = config.stash.get(USER_MODELS, None) or tuple(zoo.default_zoo())
+    chosen, _ = variants.select(config.getoption("variant"))
+    dtypes = tuple(config.getoption("dtype")) or (
+        ("fp32", "bf16") if env.kind == "cpu" else ("fp16", "bf16", "fp32")
+    )
+    config.stash[SELECTION] = Selection(tuple(models), tuple(chosen), dtypes, env)
+    return config.stash[SELECTION]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "case" not in metafunc.fixturenames:
+        return
+    from conformance.cases import expand
+
+    marker = metafunc.definition.get_closest_marker("cases")
+    options = dict(marker.kwargs) if marker else {}
+    chosen = selection(metafunc.config)
+    smoke = _smoke_models(chosen)
+    params = []
+    for case, reason in expand(chosen, **options):
+        marks: list[Any] = [getattr(pytest.mark, claim) for claim in case.claims]
+        if reason:
+            marks.append(pytest.mark.skip(reason=reason))
+        if case.model.name in smoke and case.dtype == chosen.dtypes[0] \
+                and case.padding in (None, "right"):
+            marks.append(pytest.mark.smoke)
+        params.append(pytest.param(case, id=case.id, marks=marks))
+    metafunc.parametrize("case", params)
+
+
+def _smoke_models(chosen: Any) -> set[str]:
+    first: dict[str, str] = {}
+    for model in chosen.models:
+        first.setdefault(model.kind, model.name)
+    return set(first.values())
+
+
+@pytest.fixture(scope="session")
+def conformance_selection(request: pytest.FixtureRequest) -> Any:
+    return selection(request.config)
+
+
+@pytest.fixture(scope="session")
+def model_cache(conformance_selection: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Every model loads once per session; zoo configs are materialized into a temp dir."""
+    from conformance.running import ModelCache
+
+    return ModelCache(tmp_path_factory.mktemp("zoo"), conformance_selection.env.device)
+
+
+@pytest.fixture
+def metrics(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Figures a check measured; they land in report.json under this test's record."""
+    return _info(request.node)["metrics"]
+
+
+def _info(item: pytest.Item) -> dict[str, Any]:
+    for key, value in item.user_properties:
+        if key == "conformance":
+            return value
+    case = getattr(item, "callspec", None) and item.callspec.params.get("case")
+    info = {
+        "check": item.originalname.removeprefix("test_") if hasattr(item, "originalname")
+        else item.name,
+        "claims": sorted({m.name for m in item.iter_markers() if CLAIM_RE.match(m.name)}),
+        "model": case.model.name if case else None,
+        "variant": case.variant.id if case else None,
+        "dtype": case.dtype if case else None,
+        "padding": case.padding if case else None,
+        "metrics": {},
+    }
+    item.user_properties.append(("conformance", info))
+    return info
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _info(item)
+
+
+class ReportCollector:
+    """Registered only with --conformance-report: folds every phase report into one record."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.report = Report(environment={})
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        info = next((v for k, v in report.user_properties if k == "conformance"), None)
+        if info is None:
+            return
+        record = self.report.records.get(report.nodeid)
+        if record is None:
+            record = self.report.records[report.nodeid] = Record(
+                report.nodeid, info["check"], info["claims"], info["model"], info["variant"],
+                info["dtype"], info["padding"],
+            )
+        record.duration_s += report.duration
+        record.metrics.update(info.get("metrics", {}))
+        outcome, reason = _outcome(report)
+        if report.when == "call" or outcome != "passed":
+            if record.outcome == "passed" or outcome in ("failed", "error"):
+                record.outcome, record.reason = outcome, reason or record.reason
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if hasattr(self.config, "workerinput"):
+            return
+        self.report.environment = _environment(self.config)
+        path = self.report.write(Path(self.config.getoption("conformance_report")))
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            tr.write_line(f"conformance report: {path}")
+
+
+def _outcome(report: pytest.TestReport) -> tuple[str, str]:
+    if hasattr(report, "wasxfail"):
+        return ("xfailed" if report.skipped else "xpassed"), str(report.wasxfail)
+    if report.skipped:
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        return "skipped", reason.removeprefix("Skipped: ")
+    if report.failed:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        message = crash.message if crash is not None else str(report.longrepr)
+        return ("failed" if report.when == "call" else "error"), message.strip()
+    return "passed", ""
+
+
+def _environment(config: pytest.Config) -> dict[str, Any]:
+    from hypothesis import settings
+
+    env = selection(config).env.describe()
+    env["hypothesis"] = {
+        "profile": config.stash.get(PROFILE, None),
+        "seed": config.getoption("hypothesis_seed", None),
+        "derandomize": settings.default.derandomize,
+        "max_examples": settings.default.max_examples,
+    }
+    env["stack"] = os.environ.get("CONFORMANCE_STACK")
+    return env
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    from conformance.environment import package_versions
+
+    versions = ", ".join(f"{k} {v}" for k, v in package_versions().items() if v)
+    lines = [f"conformance: {versions}"]
+    if config.getoption("device") or _suite_requested(config):
+        env = selection(config).env
+        cc = ".".join(map(str, env.capability)) if env.capability else "-"
+        lines.append(f"conformance device: {env.device} ({env.name}), compute capability {cc}, "
+                     f"driver {env.driver or '-'}")
+    seed = config.getoption("hypothesis_seed", None)
+    lines.append(f"conformance hypothesis: profile={config.stash.get(PROFILE, None)} "
+                 f"seed={seed if seed is not None else 'derandomized/random per run'}")
+    return lines
+
+
+def _suite_requested(config: pytest.Config) -> bool:
+    args = " ".join(str(a) for a in config.args)
+    return "conformance" in args or config.getoption("pyargs", False)

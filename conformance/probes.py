@@ -1,0 +1,109 @@
+"""Proof that an optimized path actually ran: count the ops a forward dispatches.
+
+Matching outputs are not enough: a variant that silently falls back to the plain path passes
+every comparison. Each variant names the ops its path must call (and those it must not), and
+the count is asserted on the very forward whose outputs are compared.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every aten / custom op by schema name (``aten::_softmax``, ``bitsandbytes::...``).
+
+    Under ``torch.inference_mode`` composite ops (``scaled_dot_product_attention``, ``softmax``)
+    reach the mode whole, hiding which kernel runs; the counter decomposes them itself so the
+    kernel the dispatcher picks (flash, math's ``_safe_softmax``, ...) is counted too.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        import torch
+
+        kwargs = kwargs or {}
+        schema = getattr(func, "_schema", None)
+        self.counts[schema.name if schema is not None else str(func)] += 1
+        if schema is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+            func.name(), "CompositeImplicitAutograd"
+        ):
+            with self:
+                result = func.decompose(*args, **kwargs)
+            if result is not NotImplemented:
+                return result
+        return func(*args, **kwargs)
+
+    def matching(self, patterns: tuple[str, ...]) -> dict[str, int]:
+        return {
+            name: n for name, n in self.counts.items()
+            if any(fnmatch.fnmatchcase(name, p) for p in patterns)
+        }
+
+
+@dataclass(frozen=True)
+class Proof:
+    """The ops a path must show: at least `minimum` calls matching `expect`, none matching `forbid`.
+
+    `minimum` is "layers" (one per attention layer), "quantized" (one per quantized linear)
+    or an int.
+    """
+
+    expect: tuple[str, ...]
+    forbid: tuple[str, ...] = ()
+    minimum: str | int = "layers"
+    what: str = ""
+
+    def required(self, model: Any) -> int:
+        if isinstance(self.minimum, int):
+            return self.minimum
+        if self.minimum == "layers":
+            return int(model.config.num_hidden_layers)
+        if self.minimum == "quantized":
+            return count_quantized_linears(model)
+        raise ValueError(f"unknown proof minimum {self.minimum!r}")
+
+    def verdict(self, counter: OpCounter, model: Any) -> tuple[str | None, dict[str, Any]]:
+        """(failure message or None, figures for the report)."""
+        seen = counter.matching(self.expect)
+        forbidden = counter.matching(self.forbid) if self.forbid else {}
+        need = self.required(model)
+        figures = {"proof_ops": seen, "proof_required": need, "proof_forbidden_seen": forbidden}
+        total = sum(seen.values())
+        if total < need:
+            others = ", ".join(f"{k}x{v}" for k, v in _attention_like(counter).items()) or "none"
+            return (
+                f"optimized path did not run: expected >= {need} calls of {' | '.join(self.expect)}"
+                f" ({self.what}), saw {total}; attention-like ops seen: {others}",
+                figures,
+            )
+        if forbidden:
+            return (
+                f"plain path ran alongside the optimized one: {forbidden} ({self.what})",
+                figures,
+            )
+        return None, figures
+
+
+def _attention_like(counter: OpCounter) -> dict[str, int]:
+    return counter.matching(
+        ("aten::_softmax", "aten::_safe_softmax", "aten::*scaled_dot_product*", "aten::_transformer*",
+         "aten::_native_multi_head_attention", "flash_attn::*", "bitsandbytes::*")
+    )
+
+
+def count_quantized_linears(model: Any) -> int:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    kinds = (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
+    return sum(isinstance(m, kinds) for m in model.modules())

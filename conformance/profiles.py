@@ -1,0 +1,22 @@
+"""Hypothesis profiles: `dev` (quick, local), `ci` (derandomized, no deadline, no database),
+`nightly` (many examples, random seeds: the false-alarm measurement)."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, settings
+
+SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.differing_executors]
+
+
+def register() -> None:
+    settings.register_profile("dev", max_examples=8, deadline=None, suppress_health_check=SLOW_OK,
+                              print_blob=True)
+    try:
+        builtin_ci = settings.get_profile("ci")  # hypothesis' own ci profile, where it has one
+    except Exception:
+        builtin_ci = None
+    settings.register_profile("ci", parent=builtin_ci, max_examples=6,
+                              deadline=None, database=None, derandomize=True,
+                              suppress_health_check=SLOW_OK, print_blob=True)
+    settings.register_profile("nightly", max_examples=60, deadline=None, derandomize=False,
+                              suppress_health_check=SLOW_OK, print_blob=True)

@@ -1,0 +1,66 @@
+"""report.json: one record per test, grouped later by claim; the base of every human report."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Record:
+    nodeid: str
+    check: str
+    claims: list[str]
+    model: str | None
+    variant: str | None
+    dtype: str | None
+    padding: str | None
+    outcome: str = "passed"
+    reason: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    duration_s: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Report:
+    environment: dict[str, Any]
+    records: dict[str, Record] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    def write(self, directory: Path) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "report.json"
+        body = {
+            "schema_version": SCHEMA_VERSION,
+            "environment": self.environment,
+            "started": self.started,
+            "finished": time.time(),
+            "summary": self.summary(),
+            "results": [r.as_json() for r in self.records.values()],
+        }
+        path.write_text(json.dumps(body, indent=1, default=_jsonable, allow_nan=True) + "\n")
+        return path
+
+    def summary(self) -> dict[str, Any]:
+        by_claim: dict[str, dict[str, int]] = {}
+        for record in self.records.values():
+            for claim in record.claims or ["-"]:
+                counts = by_claim.setdefault(claim, {})
+                counts[record.outcome] = counts.get(record.outcome, 0) + 1
+        return {"by_claim": dict(sorted(by_claim.items()))}
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)

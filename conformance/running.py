@@ -1,0 +1,138 @@
+"""Loading a model as a variant, and running its forward the way every check does."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from conformance.compat import dtype_kwarg, parse_dtype
+from conformance.probes import OpCounter
+from conformance.strategies import BatchSpec
+from conformance.variants import Variant
+from conformance.zoo import ZooModel, auto_class, materialize
+
+
+class LoadError(Exception):
+    """Loading failed; the message is one line naming model, variant and cause."""
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused  # the library's documented refusal: a skip, not a failure
+
+
+@dataclass
+class Loaded:
+    model: Any
+    zoo: ZooModel
+    variant: Variant
+    dtype: str
+    device: str
+    accepts_position_ids: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        params = inspect.signature(self.model.forward).parameters
+        self.accepts_position_ids = self.zoo.kind == "decoder" and "position_ids" in params
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    @property
+    def pad_id(self) -> int:
+        pad = getattr(self.model.config, "pad_token_id", None)
+        return int(pad) if pad is not None else 0
+
+
+def load(zoo_model: ZooModel, variant: Variant, dtype: str, device: str, workdir: Path) -> Loaded:
+    """from_pretrained with the variant's kwargs, then its post-load step; errors become LoadError."""
+    import torch
+
+    torch_dtype = parse_dtype(dtype)
+    try:
+        source = materialize(zoo_model, workdir)
+        kwargs = {**dtype_kwarg(torch_dtype), **variant.load_kwargs(torch_dtype)}
+        if variant.place_with_device_map:
+            kwargs["device_map"] = {"": device}
+        model = auto_class(zoo_model.kind).from_pretrained(source, **kwargs)
+        if not variant.place_with_device_map:
+            model.to(device)
+        model.eval()
+        if variant.post_load is not None:
+            model = variant.post_load(model)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        refused = any(marker in str(exc) for marker in variant.refusals)
+        verb = "refuses" if refused else "failed"
+        raise LoadError(
+            f"{variant.id} {verb} {zoo_model.name} in {dtype}: {type(exc).__name__}: {first[:300]}",
+            refused=refused,
+        ) from exc
+    return Loaded(model, zoo_model, variant, dtype, device)
+
+
+def model_inputs(loaded: Loaded, batch: BatchSpec) -> dict[str, Any]:
+    """Tensors for one forward; decoders get position ids that skip left padding (as generate does)."""
+    input_ids, mask = batch.materialize(loaded.vocab_size, loaded.pad_id)
+    inputs = {"input_ids": input_ids, "attention_mask": mask}
+    if loaded.accepts_position_ids:
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {k: v.to(loaded.device) for k, v in inputs.items()}
+
+
+def forward(loaded: Loaded, batch: BatchSpec, counter: OpCounter | None = None) -> Any:
+    """Outputs (logits / last hidden state) as float64 on CPU, run inside the variant's context."""
+    import torch
+
+    inputs = model_inputs(loaded, batch)
+    with torch.inference_mode(), loaded.variant.context():
+        if counter is not None:
+            with counter:
+                out = loaded.model(**inputs)
+        else:
+            out = loaded.model(**inputs)
+    tensor = out.logits if loaded.zoo.kind == "decoder" else out.last_hidden_state
+    return tensor.detach().to("cpu", torch.float64)
+
+
+class ModelCache:
+    """Loads each (model, variant, dtype) once per session; keeps only the current model's."""
+
+    def __init__(self, workdir: Path, device: str) -> None:
+        self.workdir = workdir
+        self.device = device
+        self._loaded: dict[tuple[str, str, str, str], Loaded | LoadError] = {}
+        self._current_model: str | None = None
+        self._outputs: dict[tuple[Any, ...], Any] = {}
+
+    def get(self, zoo_model: ZooModel, variant: Variant, dtype: str, device: str | None = None) -> Loaded:
+        """The loaded variant; a failed load is remembered and re-raised, not retried."""
+        device = device or self.device
+        if zoo_model.name != self._current_model:
+            self._loaded.clear()  # bounded memory for users' large checkpoints
+            self._outputs.clear()
+            self._current_model = zoo_model.name
+        key = (zoo_model.name, variant.id, dtype, device)
+        if key not in self._loaded:
+            try:
+                self._loaded[key] = load(zoo_model, variant, dtype, device, self.workdir)
+            except LoadError as exc:
+                self._loaded[key] = exc
+        found = self._loaded[key]
+        if isinstance(found, LoadError):
+            raise found
+        return found
+
+    def outputs(self, loaded: Loaded, batch: BatchSpec) -> Any:
+        """Forward of a reference or golden model, memoized: every variant compares to the same."""
+        key = (loaded.zoo.name, loaded.variant.id, loaded.dtype, loaded.device, batch)
+        if key not in self._outputs:
+            self._outputs[key] = forward(loaded, batch)
+        return self._outputs[key]
+
+    def golden(self, zoo_model: ZooModel, variant: Variant, dtype: str) -> Loaded:
+        """Eager in float64 on CPU; for half dtypes on a GPU, eager float32 on that GPU."""
+        if self.device != "cpu" and dtype in ("fp16", "bf16"):
+            return self.get(zoo_model, variant, "fp32")
+        return self.get(zoo_model, variant, "fp64", device="cpu")

@@ -1,0 +1,88 @@
+"""Hypothesis strategies for token batches, and the batches they describe.
+
+A drawn `BatchSpec` is model-independent (lengths, padding side, a token seed), so one
+strategy serves every model and a failure shrinks to the smallest batch: one row, no padding,
+the shortest length. Simplest alternatives come first in every `sampled_from` / `one_of`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hypothesis import strategies as st
+
+# lengths at the block boundaries of flash / memory-efficient kernels (32, 64, 128 tiles)
+BOUNDARY_LENGTHS = (31, 32, 33, 63, 64, 65, 127, 128, 129)
+PADDINGS = ("none", "right", "left")
+FIRST_TOKEN = 4  # ids below this are specials (pad/bos/eos/unk) in every zoo model
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """Rows of real-token lengths, padded to the longest on one side."""
+
+    lengths: tuple[int, ...]
+    padding: str
+    seed: int = 0
+
+    @property
+    def width(self) -> int:
+        return max(self.lengths)
+
+    def mask(self) -> Any:
+        """Attention mask (1 = real token) as an int64 CPU tensor."""
+        import torch
+
+        width = self.width
+        mask = torch.zeros(len(self.lengths), width, dtype=torch.long)
+        for row, n in enumerate(self.lengths):
+            if self.padding == "left":
+                mask[row, width - n:] = 1
+            else:
+                mask[row, :n] = 1
+        return mask
+
+    def materialize(self, vocab_size: int, pad_id: int) -> tuple[Any, Any]:
+        """(input_ids, attention_mask) as int64 CPU tensors; pad positions hold `pad_id`."""
+        import torch
+
+        gen = torch.Generator().manual_seed(self.seed)
+        tokens = torch.randint(FIRST_TOKEN, vocab_size, (len(self.lengths), self.width), generator=gen)
+        mask = self.mask()
+        input_ids = torch.where(mask.bool(), tokens, torch.full_like(tokens, pad_id))
+        return input_ids, mask
+
+    def reproduction(self) -> str:
+        return (
+            "from conformance.strategies import BatchSpec\n"
+            f"batch = BatchSpec(lengths={self.lengths!r}, padding={self.padding!r}, seed={self.seed})"
+        )
+
+
+def lengths(max_len: int) -> st.SearchStrategy[int]:
+    boundaries = [n for n in BOUNDARY_LENGTHS if n <= max_len]
+    return st.one_of(st.integers(1, max_len), st.sampled_from(boundaries)) if boundaries \
+        else st.integers(1, max_len)
+
+
+@st.composite
+def batch_specs(
+    draw: st.DrawFn, padding: str | None = None, max_batch: int = 4, max_len: int = 129
+) -> BatchSpec:
+    """A batch; with padding "right"/"left" rows have different lengths (one row is full width)."""
+    side = padding or draw(st.sampled_from(PADDINGS), label="padding")
+    size = draw(st.integers(1 if side == "none" else 2, max_batch), label="batch size")
+    seed = draw(st.integers(0, 2**16), label="token seed")
+    if side == "none":
+        n = draw(lengths(max_len), label="length")
+        return BatchSpec((n,) * size, side, seed)
+    full = draw(lengths(max_len).filter(lambda n: n >= 2), label="full length")
+    shorter = draw(
+        st.lists(st.integers(1, full - 1), min_size=size - 1, max_size=size - 1),
+        label="shorter lengths",
+    )
+    position = draw(st.integers(0, size - 1), label="row of the full-length sequence")
+    rows = list(shorter)
+    rows.insert(position, full)
+    return BatchSpec(tuple(rows), side, seed)

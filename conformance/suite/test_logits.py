@@ -1,0 +1,40 @@
+"""Logits conformance (C01, C06, C08-C11 by variant): every variant's outputs on real tokens
+stay within its tolerance of a higher-precision golden run, finite wherever golden is finite,
+and the variant's optimized path provably ran."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, note
+
+from conformance import compare
+from conformance.cases import Case
+from conformance.checks import keep_worst, load_or_fail, max_len, reproduction, run_proven
+from conformance.running import ModelCache
+from conformance.strategies import BatchSpec, batch_specs
+
+
+@pytest.mark.cases(paddings=("none", "right", "left"))
+def test_logits(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
+    variant, reference, golden = load_or_fail(model_cache, case)
+
+    @given(batch=batch_specs(padding=case.padding, max_len=max_len(reference)))
+    def check(batch: BatchSpec) -> None:
+        note(reproduction(case, batch, variant.device))
+        expected = model_cache.outputs(golden, batch)
+        plain = model_cache.outputs(reference, batch)
+        out = run_proven(variant, batch, metrics)
+        real = batch.mask().bool()
+        problem = compare.finiteness(out, plain, expected, real)
+        assert problem is None, f"{case.id}: {problem}"
+        if case.variant.tolerance == "kernel":
+            problem, figures = compare.kernel_verdict(out, plain, expected, real, case.dtype)
+        else:
+            problem, figures = compare.quant_verdict(out, expected, real, case.dtype,
+                                                     case.variant.tolerance, case.model.kind)
+        keep_worst(metrics, figures, batch)
+        assert problem is None, f"{case.id}: {problem}"
+
+    check()

@@ -1,0 +1,55 @@
+"""Every tolerance the suite applies, in one table, with how each number was chosen.
+
+Kernel variants (SDPA backends, FlashAttention-2, BetterTransformer) are judged the way
+PyTorch's test_transformers.py and flash-attention's tests judge fused kernels: against a
+higher-precision golden run, the variant's error may be at most K times the error of the plain
+same-dtype reference, plus a floor for the case where the reference happens to be exact:
+
+    max|variant - golden| <= K * max|reference - golden| + FLOOR_ULPS * eps(dtype) * max|golden|
+
+Quantized variants change the weights, not the kernel, so their error is not kernel error:
+they get a bound on the normalized error ||variant - golden|| / ||golden|| over real tokens.
+The numbers come from measurement (see README, "How the tolerances were measured").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KernelTolerance:
+    k: float  # multiple of the plain reference's own error
+    floor_ulps: float  # floor, in units of eps(dtype) x max|golden|
+
+
+@dataclass(frozen=True)
+class QuantTolerance:
+    max_rel_l2: float  # ||variant - golden||_2 / ||golden||_2 over real tokens
+
+
+KERNEL: dict[str, KernelTolerance] = {
+    "fp32": KernelTolerance(k=2.0, floor_ulps=8.0),
+    "bf16": KernelTolerance(k=2.0, floor_ulps=2.0),
+    "fp16": KernelTolerance(k=2.0, floor_ulps=2.0),
+}
+
+QUANT: dict[tuple[str, str], QuantTolerance] = {
+    ("int8", "fp32"): QuantTolerance(max_rel_l2=0.05),
+    ("int8", "bf16"): QuantTolerance(max_rel_l2=0.06),
+    ("int8", "fp16"): QuantTolerance(max_rel_l2=0.05),
+    ("nf4", "fp32"): QuantTolerance(max_rel_l2=0.25),
+    ("nf4", "bf16"): QuantTolerance(max_rel_l2=0.25),
+    ("nf4", "fp16"): QuantTolerance(max_rel_l2=0.25),
+    ("fp4", "fp32"): QuantTolerance(max_rel_l2=0.35),
+    ("fp4", "bf16"): QuantTolerance(max_rel_l2=0.35),
+    ("fp4", "fp16"): QuantTolerance(max_rel_l2=0.35),
+}
+
+
+def kernel(dtype: str) -> KernelTolerance:
+    return KERNEL[dtype]
+
+
+def quant(scheme: str, dtype: str) -> QuantTolerance:
+    return QUANT[(scheme, dtype)]

