@@ -10,7 +10,7 @@ from conformance.cases import Case
 from conformance.probes import OpCounter
 from conformance.running import Loaded, LoadError, ModelCache, forward
 from conformance.strategies import BatchSpec
-from conformance.variants import REFERENCE, REGISTRY
+from conformance.variants import GOLDEN, GOLDEN_EAGER, REFERENCE, REGISTRY
 
 KERNEL_REFUSALS = ("No available kernel", "No viable backend")
 
@@ -19,7 +19,10 @@ def load_or_fail(cache: ModelCache, case: Case) -> tuple[Loaded, Loaded, Loaded]
     """(variant, same-dtype eager reference, golden); a load failure is one line, not a traceback."""
     eager = REGISTRY[REFERENCE]
     try:
-        golden = cache.golden(case.model, eager, case.dtype)
+        try:
+            golden = cache.golden(case.model, GOLDEN, case.dtype)
+        except LoadError:
+            golden = cache.golden(case.model, GOLDEN_EAGER, case.dtype)
         reference = cache.get(case.model, eager, case.dtype)
         variant = cache.get(case.model, case.variant, case.dtype)
     except LoadError as exc:
@@ -27,6 +30,23 @@ def load_or_fail(cache: ModelCache, case: Case) -> tuple[Loaded, Loaded, Loaded]
             pytest.skip(str(exc))
         pytest.fail(str(exc), pytrace=False)
     return variant, reference, golden
+
+
+def dtype_honoured(loaded: Loaded) -> None:
+    """A variant asked for bf16 must not silently run in float32 (it would look *more* accurate)."""
+    import torch
+
+    from conformance.compat import parse_dtype
+
+    want = parse_dtype(loaded.dtype)
+    found: dict[torch.dtype, int] = {}
+    for param in loaded.model.parameters():
+        if param.is_floating_point() and param.dtype != want:
+            found[param.dtype] = found.get(param.dtype, 0) + 1
+    if found:
+        listing = ", ".join(f"{n} in {dt}" for dt, n in found.items())
+        pytest.fail(f"{loaded.variant.id} on {loaded.zoo.name}: asked for {loaded.dtype}, but "
+                    f"floating-point parameters are not: {listing}", pytrace=False)
 
 
 def max_len(loaded: Loaded, cap: int = 129) -> int:

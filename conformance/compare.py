@@ -28,6 +28,9 @@ def finiteness(variant: Any, reference: Any, golden: Any, real: Any) -> str | No
     """No NaN/Inf on a real token where golden is finite; none anywhere the reference is finite."""
     import torch
 
+    problem = golden_defined(golden, real)
+    if problem:
+        return problem
     bad_real = real[..., None] & torch.isfinite(golden) & ~torch.isfinite(variant)
     if bad_real.any():
         rows = sorted({int(r) for r in bad_real.nonzero()[:, 0]})
@@ -36,6 +39,17 @@ def finiteness(variant: Any, reference: Any, golden: Any, real: Any) -> str | No
     if bad_pad.any():
         rows = sorted({int(r) for r in bad_pad.nonzero()[:, 0]})
         return f"non-finite output at padded positions of rows {rows} where the reference is finite"
+    return None
+
+
+def golden_defined(golden: Any, real: Any) -> str | None:
+    """A golden run that is not finite on a real token cannot judge anything: say so, loudly."""
+    import torch
+
+    bad = real[..., None] & ~torch.isfinite(golden)
+    if bad.any():
+        rows = sorted({int(r) for r in bad.nonzero()[:, 0]})
+        return f"golden run is non-finite on real tokens of rows {rows}: nothing to compare against"
     return None
 
 

@@ -32,7 +32,9 @@ class Needs:
     def unmet(self, env: Environment, dtype: str | None = None) -> str | None:
         """None when the variant can run here, else a reason naming what is missing."""
         missing = []
-        wanted = {**self.packages, **self.packages_on.get(env.kind, {})}
+        wanted = dict(self.packages)
+        for dist, spec in self.packages_on.get(env.kind, {}).items():
+            wanted[dist] = ",".join(filter(None, (wanted.get(dist), spec)))
         for dist, spec in wanted.items():
             found = installed_version(dist)
             if found is None:

@@ -32,6 +32,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="device under test (default: cuda if available, else cpu)")
     group.addoption("--dtype", action="append", default=[], choices=DTYPE_NAMES,
                     help="run only these dtypes (default: fp32,bf16 on cpu; fp16,bf16,fp32 on cuda)")
+    group.addoption("--threads", type=int, default=None, metavar="N",
+                    help="torch CPU threads (default 1: the zoo's models are tiny, and xdist "
+                         "workers or a busy runner must not oversubscribe the cores)")
     group.addoption("--conformance-report", default=None, metavar="DIR",
                     help="write DIR/report.json with every result and its figures")
 
@@ -99,6 +102,9 @@ def selection(config: pytest.Config) -> Any:
     from conformance.cases import Selection
     from conformance.environment import default_device, probe
 
+    import torch
+
+    torch.set_num_threads(config.getoption("threads") or 1)
     env = probe(config.getoption("device") or default_device())
     models = config.stash.get(USER_MODELS, None) or tuple(zoo.default_zoo())
     chosen, _ = variants.select(config.getoption("variant"))

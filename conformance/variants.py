@@ -175,6 +175,15 @@ REGISTRY: dict[str, Variant] = {
 
 REFERENCE = "eager"
 
+# The golden run: SDPA's math backend in float64 (as PyTorch's own SDPA tests do). Not eager:
+# transformers 5.23's eager attention in float64 turns a left-padded row into NaN on its real
+# tokens (a fully masked query row's NaN flows through the next layer's attention), and a golden
+# run has to be finite wherever an answer is defined. Models without SDPA fall back to eager.
+GOLDEN = Variant("golden", (), "SDPA math backend in float64 (fp32 on GPU for half dtypes)",
+                 load_kwargs=_attn("sdpa"), context=_forced("math"))
+GOLDEN_EAGER = Variant("golden_eager", (), "eager in float64, for models without SDPA",
+                       load_kwargs=_attn("eager"))
+
 
 def select(patterns: list[str] | None) -> tuple[list[Variant], list[str]]:
     """Variants matching any glob (all when none), and the patterns that matched nothing."""

@@ -11,7 +11,14 @@ from hypothesis import given, note
 
 from conformance import compare
 from conformance.cases import Case
-from conformance.checks import keep_worst, load_or_fail, max_len, reproduction, run_proven
+from conformance.checks import (
+    dtype_honoured,
+    keep_worst,
+    load_or_fail,
+    max_len,
+    reproduction,
+    run_proven,
+)
 from conformance.running import ModelCache
 from conformance.strategies import BatchSpec, batch_specs
 
@@ -19,6 +26,7 @@ from conformance.strategies import BatchSpec, batch_specs
 @pytest.mark.cases(paddings=("none", "right", "left"))
 def test_logits(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
     variant, reference, golden = load_or_fail(model_cache, case)
+    dtype_honoured(variant)
 
     @given(batch=batch_specs(padding=case.padding, max_len=max_len(reference)))
     def check(batch: BatchSpec) -> None:
