@@ -30,8 +30,8 @@ class QuantTolerance:
 
 KERNEL: dict[str, KernelTolerance] = {
     "fp32": KernelTolerance(k=2.0, floor_ulps=8.0),
-    "bf16": KernelTolerance(k=2.0, floor_ulps=2.0),
-    "fp16": KernelTolerance(k=2.0, floor_ulps=2.0),
+    "bf16": KernelTolerance(k=2.0, floor_ulps=1.0),
+    "fp16": KernelTolerance(k=2.0, floor_ulps=1.0),
 }
 
 # Measured on the zoo (random init, seed 20231120) with the ci profile, current stack, CPU,

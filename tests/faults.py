@@ -192,3 +192,5 @@ def register() -> None:
     """Add the faults to the registry (idempotent)."""
     for fault in FAULTS:
         REGISTRY[fault.variant.id] = fault.variant
+
+register()

@@ -1,0 +1,124 @@
+"""Unit tests of the suite's building blocks (no model loading)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+
+from conformance import compare, tolerances, variants
+from conformance.environment import Environment
+from conformance.needs import Needs
+from conformance.probes import OpCounter, Proof
+from conformance.strategies import BOUNDARY_LENGTHS, BatchSpec, batch_specs
+from conformance.zoo import ZooError, default_zoo, kind_of, resolve
+
+CPU = Environment(device="cpu", kind="cpu", name="test")
+
+
+def test_left_and_right_masks() -> None:
+    left = BatchSpec((3, 1), "left").mask()
+    right = BatchSpec((3, 1), "right").mask()
+    assert left.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert right.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_materialize_puts_pad_ids_only_at_padding() -> None:
+    ids, mask = BatchSpec((4, 2), "left", seed=3).materialize(vocab_size=50, pad_id=1)
+    assert ((ids == 1) == (mask == 0)).all()
+    assert ids[mask.bool()].min() >= 4
+
+
+@given(batch=batch_specs(max_len=129))
+def test_drawn_batches_are_well_formed(batch: BatchSpec) -> None:
+    assert all(1 <= n <= 129 for n in batch.lengths)
+    if batch.padding == "none":
+        assert len(set(batch.lengths)) == 1
+    else:
+        assert len(batch.lengths) >= 2 and max(batch.lengths) == batch.width
+
+
+def test_boundary_lengths_cover_kernel_tiles() -> None:
+    assert {31, 32, 33, 63, 64, 65, 127, 128, 129} <= set(BOUNDARY_LENGTHS)
+
+
+def test_needs_reason_names_what_and_where() -> None:
+    needs = Needs(packages={"transformers": "<4.49"}, where="the legacy stack")
+    reason = needs.unmet(CPU)
+    assert reason is not None and reason.startswith("needs transformers<4.49 (installed: ")
+    assert reason.endswith("run on the legacy stack")
+    assert Needs(devices=frozenset({"cuda"})).unmet(CPU).startswith("needs a cuda device")
+    assert Needs(packages={"no-such-dist": ""}).unmet(CPU).startswith("needs no-such-dist")
+    assert Needs().unmet(CPU) is None
+
+
+def test_needs_on_device_combine_with_global_needs() -> None:
+    needs = Needs(packages={"torch": ">=2.0"}, packages_on={"cpu": {"torch": "<1.0"}})
+    assert "torch>=2.0,<1.0" in needs.unmet(CPU)
+
+
+def test_variant_glob_selection_and_unmatched() -> None:
+    chosen, unmatched = variants.select(["sdpa_*", "nothing*"])
+    assert {v.id for v in chosen} >= {"sdpa_math", "sdpa_flash"}
+    assert unmatched == ["nothing*"]
+
+
+def test_every_variant_names_claims_and_a_known_tolerance() -> None:
+    for variant in variants.REGISTRY.values():
+        assert variant.claims, variant.id
+        assert variant.tolerance == "kernel" or variant.tolerance in tolerances.QUANT
+        assert variant.proof, f"{variant.id} must say which ops prove its path ran"
+
+
+def test_kernel_verdict_passes_within_and_fails_beyond_bound() -> None:
+    golden = torch.linspace(-3, 3, 2 * 4 * 8, dtype=torch.float64).reshape(2, 4, 8)
+    real = torch.ones(2, 4, dtype=torch.bool)
+    reference = golden + 1e-3
+    ok, figures = compare.kernel_verdict(golden + 1.5e-3, reference, golden, real, "bf16")
+    assert ok is None and figures["err_over_ref_err"] == pytest.approx(1.5)
+    bad, _ = compare.kernel_verdict(golden + 6e-2, reference, golden, real, "bf16")
+    assert bad is not None and "max|variant - golden|" in bad
+
+
+def test_padded_positions_are_not_compared_but_must_stay_finite() -> None:
+    golden = torch.zeros(1, 3, 4, dtype=torch.float64)
+    real = torch.tensor([[True, True, False]])
+    variant = golden.clone()
+    variant[0, 2] = 100.0  # padded: not compared
+    assert compare.kernel_verdict(variant, golden + 1e-6, golden, real, "fp32")[0] is None
+    variant[0, 2] = float("nan")
+    assert "padded positions" in compare.finiteness(variant, golden, golden, real)
+    variant[0, 0, 0] = float("nan")
+    assert "real tokens" in compare.finiteness(variant, golden, golden, real)
+
+
+def test_nan_golden_is_an_error_not_a_pass() -> None:
+    golden = torch.full((1, 2, 3), float("nan"), dtype=torch.float64)
+    real = torch.ones(1, 2, dtype=torch.bool)
+    assert "golden run is non-finite" in compare.finiteness(golden, golden, golden, real)
+
+
+def test_op_counter_sees_the_forced_kernel() -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1, 2, 8, 16)
+    proof = Proof(("aten::_scaled_dot_product_flash_attention*",), minimum=1)
+    for backend, expect_ok in ((SDPBackend.FLASH_ATTENTION, True), (SDPBackend.MATH, False)):
+        counter = OpCounter()
+        with torch.inference_mode(), sdpa_kernel(backend), counter:
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        problem, _ = proof.verdict(counter, model=None)
+        assert (problem is None) is expect_ok, (backend, problem)
+
+
+def test_zoo_has_the_promised_architectures() -> None:
+    names = {m.name for m in default_zoo()}
+    assert {"llama", "mistral", "falcon", "gpt2", "opt", "gpt_neox", "qwen2", "bert", "roberta",
+            "distilbert"} <= names
+
+
+def test_zoo_errors_are_one_line() -> None:
+    with pytest.raises(ZooError, match="no such directory"):
+        resolve("./nope", default_zoo())
+    with pytest.raises(ZooError, match="architecture 'whisper'"):
+        kind_of("whisper", "--model x")
