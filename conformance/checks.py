@@ -65,7 +65,7 @@ def run_proven(loaded: Loaded, batch: BatchSpec, metrics: dict[str, Any]) -> Any
         out = forward(loaded, batch, counter)
     except RuntimeError as exc:
         text = str(exc)
-        if any(marker in text for marker in KERNEL_REFUSALS):
+        if any(marker in text for marker in KERNEL_REFUSALS + loaded.variant.input_refusals):
             first = next((ln for ln in text.splitlines() if ln.strip()), text)
             pytest.skip(f"{loaded.variant.id} refused this input: {first.strip()[:200]}")
         raise

@@ -9,13 +9,13 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 from collections.abc import Iterator
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from packaging.version import Version
 
 
-@lru_cache(maxsize=None)
+@cache
 def installed_version(distribution: str) -> Version | None:
     """Version of an installed distribution, or None; never imports the package."""
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from conformance.compat import installed_version
@@ -68,7 +68,7 @@ def validate_device(device: str) -> str | None:
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def probe(device: str) -> Environment:
     import torch
 

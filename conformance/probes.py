@@ -67,8 +67,8 @@ class Proof:
             return self.minimum
         if self.minimum == "layers":
             return int(model.config.num_hidden_layers)
-        if self.minimum == "quantized":
-            return count_quantized_linears(model)
+        if self.minimum == "quantized":  # a quantized variant with no quantized layer is a fault
+            return max(1, count_quantized_linears(model))
         raise ValueError(f"unknown proof minimum {self.minimum!r}")
 
     def verdict(self, counter: OpCounter, model: Any) -> tuple[str | None, dict[str, Any]]:

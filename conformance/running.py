@@ -47,7 +47,6 @@ class Loaded:
 
 def load(zoo_model: ZooModel, variant: Variant, dtype: str, device: str, workdir: Path) -> Loaded:
     """from_pretrained with the variant's kwargs, then its post-load step; errors become LoadError."""
-    import torch
 
     torch_dtype = parse_dtype(dtype)
     try:
@@ -83,15 +82,17 @@ def model_inputs(loaded: Loaded, batch: BatchSpec) -> dict[str, Any]:
 
 def forward(loaded: Loaded, batch: BatchSpec, counter: OpCounter | None = None) -> Any:
     """Outputs (logits / last hidden state) as float64 on CPU, run inside the variant's context."""
+
+    return _run(loaded, model_inputs(loaded, batch), counter)
+
+
+def _run(loaded: Loaded, inputs: dict[str, Any], counter: OpCounter | None = None) -> Any:
+    import contextlib
+
     import torch
 
-    inputs = model_inputs(loaded, batch)
-    with torch.inference_mode(), loaded.variant.context():
-        if counter is not None:
-            with counter:
-                out = loaded.model(**inputs)
-        else:
-            out = loaded.model(**inputs)
+    with torch.inference_mode(), loaded.variant.context(), counter or contextlib.nullcontext():
+        out = loaded.model(**inputs)
     tensor = out.logits if loaded.zoo.kind == "decoder" else out.last_hidden_state
     return tensor.detach().to("cpu", torch.float64)
 
@@ -124,11 +125,11 @@ class ModelCache:
             raise found
         return found
 
-    def outputs(self, loaded: Loaded, batch: BatchSpec) -> Any:
+    def outputs(self, loaded: Loaded, batch: BatchSpec, per_row: bool = False) -> Any:
         """Forward of a reference or golden model, memoized: every variant compares to the same."""
-        key = (loaded.zoo.name, loaded.variant.id, loaded.dtype, loaded.device, batch)
+        key = (loaded.zoo.name, loaded.variant.id, loaded.dtype, loaded.device, batch, per_row)
         if key not in self._outputs:
-            self._outputs[key] = forward(loaded, batch)
+            self._outputs[key] = forward_per_row(loaded, batch) if per_row else forward(loaded, batch)
         return self._outputs[key]
 
     def golden(self, zoo_model: ZooModel, variant: Variant, dtype: str) -> Loaded:
@@ -136,3 +137,27 @@ class ModelCache:
         if self.device != "cpu" and dtype in ("fp16", "bf16"):
             return self.get(zoo_model, variant, "fp32")
         return self.get(zoo_model, variant, "fp64", device="cpu")
+
+
+def forward_per_row(loaded: Loaded, batch: BatchSpec) -> Any:
+    """Each row alone, unpadded: what a causal decoder's answer for that sequence *is*.
+
+    The golden run of a padded batch for decoders: it needs no padding mask at all, so it is
+    immune to mask-building bugs in float64 (transformers 4.48 overflows building gpt2/opt masks
+    in float64; 5.23's eager float64 turns left-padded rows into NaN). Padded positions are NaN.
+    """
+    import torch
+
+    input_ids, mask = batch.materialize(loaded.vocab_size, loaded.pad_id)
+    rows = []
+    for row in range(len(batch.lengths)):
+        real = mask[row].bool()
+        ids = input_ids[row][real][None]
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if loaded.accepts_position_ids:
+            inputs["position_ids"] = torch.arange(ids.shape[1])[None]
+        out = _run(loaded, {k: v.to(loaded.device) for k, v in inputs.items()})
+        full = torch.full((batch.width, out.shape[-1]), float("nan"), dtype=torch.float64)
+        full[real] = out[0]
+        rows.append(full)
+    return torch.stack(rows)

@@ -41,6 +41,8 @@ class Variant:
     reference: bool = False
     # load errors that are the library's documented refusal for this model: a skip, not a failure
     refusals: tuple[str, ...] = ()
+    # forward errors that are the path's documented refusal of an input: a skip with the reason
+    input_refusals: tuple[str, ...] = ()
 
     def proof_for(self, kind: str) -> Proof | None:
         return self.proof.get(kind)
@@ -149,7 +151,9 @@ REGISTRY: dict[str, Variant] = {
                 needs=Needs(packages={"transformers": "<4.49", "optimum": "<2.0"}, where=LEGACY_STACK),
                 load_kwargs=_attn("eager"), post_load=_to_bettertransformer, proof=BT_PROOFS,
                 refusals=("not yet supported to be used with BetterTransformer",
-                          "supports natively BetterTransformer optimizations")),
+                          "supports natively BetterTransformer optimizations"),
+                # the nested-tensor encoder fast path takes right padding only
+                input_refusals=("Mask must be left-aligned without gaps",)),
         Variant("bnb_int8", ("C10",), "bitsandbytes LLM.int8 via BitsAndBytesConfig(load_in_8bit=True)",
                 needs=BNB_NEEDS, load_kwargs=_bnb(load_in_8bit=True), proof=_both(BNB_PROOF),
                 tolerance="int8", place_with_device_map=True),

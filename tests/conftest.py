@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest_plugins = ["pytester"]
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture
+def run_suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Run the suite in a fresh interpreter, as a user would (and as in-process runs cannot:
+    pytester's sys.modules snapshot breaks transformers' lazy imports between runs)."""
+    monkeypatch.setenv("PYTHONPATH", TESTS_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def run(*args: str) -> pytest.RunResult:
+        return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args, timeout=600)
+
+    return run
+
 
 DETECTIONS: list[tuple[str, str, str, str]] = []  # fault, check, verdict, figure
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
-from conftest import DETECTIONS
 from faults import FAULTS, Fault
 
+from conftest import DETECTIONS
 
-def _run(pytester: pytest.Pytester, fault: Fault) -> dict[str, dict]:
+
+def _run(pytester: pytest.Pytester, run_suite: Any, fault: Fault) -> dict[str, dict]:
     out = pytester.path / "report"
-    pytester.runpytest(
-        "-p", "faults", "--pyargs", "conformance", "-q", "-p", "no:cacheprovider",
+    run_suite(
+        "-p", "faults", "--pyargs", "conformance", "-q",
         "--model", fault.model, "--dtype", fault.dtype,
         "--variant", fault.variant.id, "--variant", fault.control,
         "-k", f"{fault.caught_by} and {fault.padding}", "--conformance-report", str(out),
@@ -22,8 +24,8 @@ def _run(pytester: pytest.Pytester, fault: Fault) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.variant.id for f in FAULTS])
-def test_fault_is_caught(pytester: pytest.Pytester, fault: Fault) -> None:
-    by_variant = _run(pytester, fault)
+def test_fault_is_caught(pytester: pytest.Pytester, run_suite: Any, fault: Fault) -> None:
+    by_variant = _run(pytester, run_suite, fault)
     control, planted = by_variant.get(fault.control), by_variant.get(fault.variant.id)
     assert control is not None and planted is not None, f"run selected nothing: {by_variant}"
     if control["outcome"] == "skipped":

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-SUITE = ("--pyargs", "conformance", "-p", "no:cacheprovider")
+SUITE = ("--pyargs", "conformance")
 
 
 def _one_line_error(result: pytest.RunResult, fragment: str) -> None:
@@ -19,34 +20,34 @@ def _one_line_error(result: pytest.RunResult, fragment: str) -> None:
     assert len([line for line in err.splitlines() if line.startswith("ERROR:")]) == 1
 
 
-def test_missing_model_path_is_one_line(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest(*SUITE, "--model", "./does/not/exist")
+def test_missing_model_path_is_one_line(run_suite: Any) -> None:
+    result = run_suite(*SUITE, "--model", "./does/not/exist")
     _one_line_error(result, "--model ./does/not/exist: no such directory")
 
 
-def test_unknown_architecture_is_one_line(pytester: pytest.Pytester, tmp_path: Path) -> None:
+def test_unknown_architecture_is_one_line(run_suite: Any, tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
-    result = pytester.runpytest(*SUITE, "--model", str(tmp_path))
+    result = run_suite(*SUITE, "--model", str(tmp_path))
     _one_line_error(result, "architecture 't5' is not one the suite knows how to run")
 
 
-def test_unknown_hub_id_is_one_line(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest(*SUITE, "--model", "nobody/nothing-here")
+def test_unknown_hub_id_is_one_line(run_suite: Any) -> None:
+    result = run_suite(*SUITE, "--model", "nobody/nothing-here")
     _one_line_error(result, "not in the local Hugging Face cache")
 
 
-def test_unknown_variant_pattern_is_one_line(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest(*SUITE, "--variant", "flashy*")
+def test_unknown_variant_pattern_is_one_line(run_suite: Any) -> None:
+    result = run_suite(*SUITE, "--variant", "flashy*")
     _one_line_error(result, "--variant 'flashy*' matches no variant")
 
 
-def test_bad_device_is_one_line(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest(*SUITE, "--device", "tpu")
+def test_bad_device_is_one_line(run_suite: Any) -> None:
+    result = run_suite(*SUITE, "--device", "tpu")
     _one_line_error(result, "expected cpu, cuda or cuda:N")
 
 
-def test_ids_are_human_and_complete(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest(*SUITE, "--collect-only", "-q", "--model", "llama",
+def test_ids_are_human_and_complete(run_suite: Any) -> None:
+    result = run_suite(*SUITE, "--collect-only", "-q", "--model", "llama",
                                 "--variant", "sdpa_flash", "--dtype", "bf16")
     ids = [line for line in result.stdout.lines if "test_logits[" in line]
     assert [i.split("[")[1] for i in ids] == [
@@ -55,8 +56,8 @@ def test_ids_are_human_and_complete(pytester: pytest.Pytester) -> None:
     ]
 
 
-def test_every_skip_names_what_is_missing_and_where(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest(*SUITE, "-rs", "--model", "gpt2", "--dtype", "fp32",
+def test_every_skip_names_what_is_missing_and_where(run_suite: Any) -> None:
+    result = run_suite(*SUITE, "-rs", "--model", "gpt2", "--dtype", "fp32",
                                 "--variant", "fa2", "--variant", "sdpa_efficient", "-k", "nopad",
                                 "--device", "cpu")
     result.assert_outcomes(skipped=2)
@@ -65,14 +66,14 @@ def test_every_skip_names_what_is_missing_and_where(pytester: pytest.Pytester) -
     assert "run on a CUDA GPU runner" in text
 
 
-def test_user_checkpoint_replaces_zoo_and_writes_report(pytester: pytest.Pytester,
+def test_user_checkpoint_replaces_zoo_and_writes_report(run_suite: Any,
                                                          tmp_path: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(n_embd=32, n_head=2, n_layer=2, n_positions=64, vocab_size=64)
     GPT2LMHeadModel(config).save_pretrained(tmp_path / "mine")
     report = tmp_path / "report"
-    result = pytester.runpytest(*SUITE, "--model", str(tmp_path / "mine"), "--variant", "sdpa",
+    result = run_suite(*SUITE, "--model", str(tmp_path / "mine"), "--variant", "sdpa",
                                 "--dtype", "fp32", "--conformance-report", str(report))
     result.assert_outcomes(passed=3)
     body = json.loads((report / "report.json").read_text())
@@ -88,8 +89,8 @@ def test_user_checkpoint_replaces_zoo_and_writes_report(pytester: pytest.Pyteste
     assert body["summary"]["by_claim"]["C08"] == {"passed": 3}
 
 
-def test_header_prints_what_reproduces_the_run(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest(*SUITE, "--collect-only", "--device", "cpu",
+def test_header_prints_what_reproduces_the_run(run_suite: Any) -> None:
+    result = run_suite(*SUITE, "--collect-only", "--device", "cpu",
                                 "--model", "bert", "--variant", "eager")
     header = result.stdout.str()
     for fragment in ("torch ", "transformers ", "hypothesis ", "conformance device: cpu",
@@ -97,8 +98,8 @@ def test_header_prints_what_reproduces_the_run(pytester: pytest.Pytester) -> Non
         assert fragment in header
 
 
-def test_claim_markers_select_checks(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest(*SUITE, "--collect-only", "-q", "-m", "C06", "--model", "bert",
+def test_claim_markers_select_checks(run_suite: Any) -> None:
+    result = run_suite(*SUITE, "--collect-only", "-q", "-m", "C06", "--model", "bert",
                                 "--dtype", "fp32")
     ids = [line for line in result.stdout.lines if "test_logits[" in line]
     assert ids and all("bettertransformer" in i for i in ids)

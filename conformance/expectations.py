@@ -1,0 +1,43 @@
+"""Vendors' and stacks' expectation files: one test id (or a fragment of one) per line,
+``#`` comments; the comment above an entry is its reason. Entries that match no test are
+reported, never silently ignored (array-api-tests' --xfails-file / --skips-file)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ExpectationsError(Exception):
+    """A malformed or missing file: the message is one line naming file and line."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    pattern: str
+    reason: str
+    where: str  # file:line
+
+
+def parse(path: str) -> list[Entry]:
+    file = Path(path)
+    if not file.is_file():
+        raise ExpectationsError(f"{path}: no such expectations file")
+    entries, comment = [], ""
+    for number, raw in enumerate(file.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line:
+            comment = ""
+            continue
+        if line.startswith("#"):
+            comment = (comment + " " + line.lstrip("# ")).strip()
+            continue
+        pattern, _, inline = line.partition(" #")
+        if " " in pattern.strip():
+            raise ExpectationsError(f"{path}:{number}: expected one test id per line, got {line!r}")
+        entries.append(Entry(pattern.strip(), inline.strip() or comment, f"{path}:{number}"))
+    return entries
+
+
+def matches(entry: Entry, nodeid: str) -> bool:
+    return entry.pattern in nodeid
