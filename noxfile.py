@@ -27,7 +27,10 @@ STACKS: dict[str, list[str]] = {
     # the declared floor of the supported range: a smoke run only
     "floor": ["transformers==4.36.2", "optimum==1.14.1", "accelerate==0.26.1", "numpy<2"],
 }
-EXPECTATIONS = {"legacy": ["--xfails-file", "fixtures/expectations/legacy-cpu.txt"]}
+EXPECTATIONS = {
+    "legacy": ["--xfails-file", "fixtures/expectations/legacy-cpu.txt"],
+    "current": ["--xfails-file", "fixtures/expectations/current-cpu.txt"],
+}
 
 
 def _stack(session: nox.Session, stack: str) -> None:
