@@ -66,14 +66,22 @@ def test_every_skip_names_what_is_missing_and_where(run_suite: Any) -> None:
     assert "run on a CUDA GPU runner" in text
 
 
-def test_user_checkpoint_replaces_zoo_and_writes_report(run_suite: Any,
-                                                         tmp_path: Path) -> None:
+@pytest.fixture(scope="session")
+def user_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A user's own checkpoint. Session-scoped so transformers is imported outside pytester's
+    sys.modules snapshot (re-importing torch libraries after a restore fails)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    path = tmp_path_factory.mktemp("user") / "mine"
     config = GPT2Config(n_embd=32, n_head=2, n_layer=2, n_positions=64, vocab_size=64)
-    GPT2LMHeadModel(config).save_pretrained(tmp_path / "mine")
+    GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
+def test_user_checkpoint_replaces_zoo_and_writes_report(run_suite: Any, user_checkpoint: Path,
+                                                         tmp_path: Path) -> None:
     report = tmp_path / "report"
-    result = run_suite(*SUITE, "--model", str(tmp_path / "mine"), "--variant", "sdpa",
+    result = run_suite(*SUITE, "--model", str(user_checkpoint), "--variant", "sdpa",
                                 "--dtype", "fp32", "--conformance-report", str(report))
     result.assert_outcomes(passed=3)
     body = json.loads((report / "report.json").read_text())
