@@ -30,6 +30,7 @@ STACKS: dict[str, list[str]] = {
 EXPECTATIONS = {
     "legacy": ["--xfails-file", "fixtures/expectations/legacy-cpu.txt"],
     "current": ["--xfails-file", "fixtures/expectations/current-cpu.txt"],
+    "floor": ["--xfails-file", "fixtures/expectations/floor-cpu.txt"],
 }
 
 
@@ -43,7 +44,8 @@ def _stack(session: nox.Session, stack: str) -> None:
         session.run("pytest", "--pyargs", "conformance", "-q", *EXPECTATIONS.get(stack, []),
                     "--conformance-report", f"reports/{stack}", env=env)
     if "smoke" in jobs:
-        session.run("pytest", "--pyargs", "conformance", "-q", "-m", "smoke", env=env)
+        session.run("pytest", "--pyargs", "conformance", "-q", "-m", "smoke",
+                    *EXPECTATIONS.get(stack, []), env=env)
 
 
 @nox.session

@@ -48,6 +48,11 @@ class Variant:
         return self.proof.get(kind)
 
 
+# transformers' own refusal of an attention implementation for a model (e.g. bert has no SDPA
+# before 4.41): the path does not exist there, which is a skip with that message, not a failure.
+NO_SUCH_IMPLEMENTATION = ("does not support an attention implementation through",)
+
+
 def _attn(impl: str) -> Callable[[Any], dict[str, Any]]:
     return lambda dtype: {"attn_implementation": impl}
 
@@ -121,27 +126,27 @@ REGISTRY: dict[str, Variant] = {
         Variant("eager", ("REF",), "plain attention: the reference every claim is measured against",
                 load_kwargs=_attn("eager"), proof=_both(EAGER_PROOF), reference=True),
         Variant("sdpa", ("C08",), "SDPA with torch's own backend choice",
-                load_kwargs=_attn("sdpa"), proof=_both(SDPA_PROOF)),
+                load_kwargs=_attn("sdpa"), refusals=NO_SUCH_IMPLEMENTATION, proof=_both(SDPA_PROOF)),
         Variant("sdpa_math", ("C08",), "SDPA forced to the math backend",
-                load_kwargs=_attn("sdpa"), context=_forced("math"), proof=_both(MATH_PROOF)),
+                load_kwargs=_attn("sdpa"), refusals=NO_SUCH_IMPLEMENTATION, context=_forced("math"), proof=_both(MATH_PROOF)),
         Variant("sdpa_flash", ("C08", "C09"), "SDPA forced to the flash kernel",
                 needs=Needs(dtypes={"cuda": HALF}),
-                load_kwargs=_attn("sdpa"), context=_forced("flash"), proof=_both(FLASH_PROOF)),
+                load_kwargs=_attn("sdpa"), refusals=NO_SUCH_IMPLEMENTATION, context=_forced("flash"), proof=_both(FLASH_PROOF)),
         Variant("sdpa_efficient", ("C08",), "SDPA forced to the memory-efficient kernel",
                 needs=Needs(devices=frozenset({"cuda"}), where=GPU_RUNNER),
-                load_kwargs=_attn("sdpa"), context=_forced("efficient"), proof=_both(EFFICIENT_PROOF)),
+                load_kwargs=_attn("sdpa"), refusals=NO_SUCH_IMPLEMENTATION, context=_forced("efficient"), proof=_both(EFFICIENT_PROOF)),
         Variant("sdpa_cudnn", ("C08", "C09"), "SDPA forced to the cuDNN kernel",
                 needs=Needs(packages={"torch": ">=2.5"}, devices=frozenset({"cuda"}),
                             min_capability=(8, 0), dtypes={"cuda": HALF}, where=GPU_RUNNER),
-                load_kwargs=_attn("sdpa"), context=_forced("cudnn"), proof=_both(CUDNN_PROOF)),
+                load_kwargs=_attn("sdpa"), refusals=NO_SUCH_IMPLEMENTATION, context=_forced("cudnn"), proof=_both(CUDNN_PROOF)),
         Variant("sdp_kernel_flash", ("C08", "C09"),
                 "the guides' spelling: torch.backends.cuda.sdp_kernel(enable_flash=True, ...)",
                 needs=Needs(dtypes={"cuda": HALF}, predicate=("legacy_sdp_kernel",)),
-                load_kwargs=_attn("sdpa"), context=_guides_sdp_kernel_flash,
+                load_kwargs=_attn("sdpa"), refusals=NO_SUCH_IMPLEMENTATION, context=_guides_sdp_kernel_flash,
                 proof=_both(FLASH_PROOF)),
         Variant("fa2", ("C01", "C03"), "FlashAttention-2 via attn_implementation",
                 needs=Needs(packages={"flash-attn": ">=2.1", "transformers": ">=4.36"}, **FA2_NEEDS),
-                load_kwargs=_attn("flash_attention_2"), proof={"decoder": FA2_PROOF},
+                load_kwargs=_attn("flash_attention_2"), refusals=NO_SUCH_IMPLEMENTATION, proof={"decoder": FA2_PROOF},
                 kinds=frozenset({"decoder"})),
         Variant("fa2_kwarg", ("C01", "C03"), "the guides' spelling: use_flash_attention_2=True",
                 needs=Needs(packages={"flash-attn": ">=2.1", "transformers": "<4.53"}, **FA2_NEEDS),
@@ -184,7 +189,7 @@ REFERENCE = "eager"
 # tokens (a fully masked query row's NaN flows through the next layer's attention), and a golden
 # run has to be finite wherever an answer is defined. Models without SDPA fall back to eager.
 GOLDEN = Variant("golden", (), "SDPA math backend in float64 (fp32 on GPU for half dtypes)",
-                 load_kwargs=_attn("sdpa"), context=_forced("math"))
+                 load_kwargs=_attn("sdpa"), refusals=NO_SUCH_IMPLEMENTATION, context=_forced("math"))
 GOLDEN_EAGER = Variant("golden_eager", (), "eager in float64, for models without SDPA",
                        load_kwargs=_attn("eager"))
 
