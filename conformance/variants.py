@@ -70,8 +70,7 @@ def _bnb(**config: Any) -> Callable[[Any], dict[str, Any]]:
         from transformers import BitsAndBytesConfig
 
         extra = {"bnb_4bit_compute_dtype": dtype} if config.get("load_in_4bit") else {}
-        return {"quantization_config": BitsAndBytesConfig(**config, **extra),
-                "attn_implementation": "eager"}
+        return {"quantization_config": BitsAndBytesConfig(**config, **extra), "attn_implementation": "eager"}
 
     return kwargs
 
@@ -92,93 +91,225 @@ def _guides_sdp_kernel_flash() -> Iterator[None]:
 
 EAGER_PROOF = Proof(EAGER_SOFTMAX, forbid=SDPA_OPS, what="eager attention computes softmax itself")
 SDPA_PROOF = Proof(SDPA_OPS, forbid=EAGER_SOFTMAX, what="any SDPA kernel")
-MATH_PROOF = Proof(("aten::_safe_softmax",), forbid=("aten::_scaled_dot_product_flash*",
-                   "aten::_scaled_dot_product_efficient*", "aten::_scaled_dot_product_cudnn*"),
-                   what="SDPA math backend (its softmax is _safe_softmax)")
-FLASH_PROOF = Proof(("aten::_scaled_dot_product_flash_attention*",), forbid=("aten::_safe_softmax",),
-                    what="SDPA flash kernel")
-EFFICIENT_PROOF = Proof(("aten::_scaled_dot_product_efficient_attention*",),
-                        forbid=("aten::_safe_softmax",), what="SDPA memory-efficient kernel")
-CUDNN_PROOF = Proof(("aten::_scaled_dot_product_cudnn_attention*",), forbid=("aten::_safe_softmax",),
-                    what="SDPA cuDNN kernel")
+MATH_PROOF = Proof(
+    ("aten::_safe_softmax",),
+    forbid=(
+        "aten::_scaled_dot_product_flash*",
+        "aten::_scaled_dot_product_efficient*",
+        "aten::_scaled_dot_product_cudnn*",
+    ),
+    what="SDPA math backend (its softmax is _safe_softmax)",
+)
+FLASH_PROOF = Proof(
+    ("aten::_scaled_dot_product_flash_attention*",), forbid=("aten::_safe_softmax",), what="SDPA flash kernel"
+)
+EFFICIENT_PROOF = Proof(
+    ("aten::_scaled_dot_product_efficient_attention*",),
+    forbid=("aten::_safe_softmax",),
+    what="SDPA memory-efficient kernel",
+)
+CUDNN_PROOF = Proof(
+    ("aten::_scaled_dot_product_cudnn_attention*",), forbid=("aten::_safe_softmax",), what="SDPA cuDNN kernel"
+)
 FA2_PROOF = Proof(("flash_attn::*",), forbid=EAGER_SOFTMAX + SDPA_OPS, what="flash-attn kernels")
 BNB_PROOF = Proof(("bitsandbytes::*",), minimum="quantized", what="one bitsandbytes op per quantized linear")
 BT_PROOFS = {
-    "encoder": Proof(("aten::_transformer_encoder_layer_fwd",), forbid=EAGER_SOFTMAX,
-                     what="nn.TransformerEncoderLayer fast path"),
+    "encoder": Proof(
+        ("aten::_transformer_encoder_layer_fwd",),
+        forbid=EAGER_SOFTMAX,
+        what="nn.TransformerEncoderLayer fast path",
+    ),
     "decoder": Proof(SDPA_OPS, forbid=EAGER_SOFTMAX, what="BetterTransformer's SDPA attention"),
 }
 
 # transformers 4.48 rejects bitsandbytes on a CPU-only machine (its multi-backend check fails);
 # 5.x is the first line verified to quantize on CPU with bitsandbytes >= 0.47.
 BNB_ON_CPU = {"cpu": {"transformers": ">=5.0"}}
-BNB_NEEDS = Needs(packages={"bitsandbytes": ">=0.47", "transformers": ">=4.36"},
-                  packages_on=BNB_ON_CPU, where=CURRENT_STACK)
-LEGACY_BNB_KWARG = Needs(packages={"bitsandbytes": ">=0.47", "transformers": "<5"},
-                         packages_on=BNB_ON_CPU, where="the legacy stack on " + GPU_RUNNER)
-FA2_NEEDS = dict(devices=frozenset({"cuda"}), min_capability=(8, 0), dtypes={"cuda": HALF},
-                 predicate=("flash_attn_importable",), where=GPU_RUNNER)
+BNB_NEEDS = Needs(
+    packages={"bitsandbytes": ">=0.47", "transformers": ">=4.36"}, packages_on=BNB_ON_CPU, where=CURRENT_STACK
+)
+LEGACY_BNB_KWARG = Needs(
+    packages={"bitsandbytes": ">=0.47", "transformers": "<5"},
+    packages_on=BNB_ON_CPU,
+    where="the legacy stack on " + GPU_RUNNER,
+)
+FA2_NEEDS = dict(
+    devices=frozenset({"cuda"}),
+    min_capability=(8, 0),
+    dtypes={"cuda": HALF},
+    predicate=("flash_attn_importable",),
+    where=GPU_RUNNER,
+)
 
 
 REGISTRY: dict[str, Variant] = {
     v.id: v
     for v in [
-        Variant("eager", ("REF",), "plain attention: the reference every claim is measured against",
-                load_kwargs=_attn("eager"), proof=_both(EAGER_PROOF), reference=True),
-        Variant("sdpa", ("C08",), "SDPA with torch's own backend choice",
-                load_kwargs=_attn("sdpa"), refusals=NO_SUCH_IMPLEMENTATION, proof=_both(SDPA_PROOF)),
-        Variant("sdpa_math", ("C08",), "SDPA forced to the math backend",
-                load_kwargs=_attn("sdpa"), refusals=NO_SUCH_IMPLEMENTATION, context=_forced("math"), proof=_both(MATH_PROOF)),
-        Variant("sdpa_flash", ("C08", "C09"), "SDPA forced to the flash kernel",
-                needs=Needs(dtypes={"cuda": HALF}),
-                load_kwargs=_attn("sdpa"), refusals=NO_SUCH_IMPLEMENTATION, context=_forced("flash"), proof=_both(FLASH_PROOF)),
-        Variant("sdpa_efficient", ("C08",), "SDPA forced to the memory-efficient kernel",
-                needs=Needs(devices=frozenset({"cuda"}), where=GPU_RUNNER),
-                load_kwargs=_attn("sdpa"), refusals=NO_SUCH_IMPLEMENTATION, context=_forced("efficient"), proof=_both(EFFICIENT_PROOF)),
-        Variant("sdpa_cudnn", ("C08", "C09"), "SDPA forced to the cuDNN kernel",
-                needs=Needs(packages={"torch": ">=2.5"}, devices=frozenset({"cuda"}),
-                            min_capability=(8, 0), dtypes={"cuda": HALF}, where=GPU_RUNNER),
-                load_kwargs=_attn("sdpa"), refusals=NO_SUCH_IMPLEMENTATION, context=_forced("cudnn"), proof=_both(CUDNN_PROOF)),
-        Variant("sdp_kernel_flash", ("C08", "C09"),
-                "the guides' spelling: torch.backends.cuda.sdp_kernel(enable_flash=True, ...)",
-                needs=Needs(dtypes={"cuda": HALF}, predicate=("legacy_sdp_kernel",)),
-                load_kwargs=_attn("sdpa"), refusals=NO_SUCH_IMPLEMENTATION, context=_guides_sdp_kernel_flash,
-                proof=_both(FLASH_PROOF)),
-        Variant("fa2", ("C01", "C03"), "FlashAttention-2 via attn_implementation",
-                needs=Needs(packages={"flash-attn": ">=2.1", "transformers": ">=4.36"}, **FA2_NEEDS),
-                load_kwargs=_attn("flash_attention_2"), refusals=NO_SUCH_IMPLEMENTATION, proof={"decoder": FA2_PROOF},
-                kinds=frozenset({"decoder"})),
-        Variant("fa2_kwarg", ("C01", "C03"), "the guides' spelling: use_flash_attention_2=True",
-                needs=Needs(packages={"flash-attn": ">=2.1", "transformers": "<4.53"}, **FA2_NEEDS),
-                load_kwargs=lambda dtype: {"use_flash_attention_2": True},
-                proof={"decoder": FA2_PROOF}, kinds=frozenset({"decoder"})),
-        Variant("bettertransformer", ("C06",), "optimum BetterTransformer: model.to_bettertransformer()",
-                needs=Needs(packages={"transformers": "<4.49", "optimum": "<2.0"}, where=LEGACY_STACK),
-                load_kwargs=_attn("eager"), post_load=_to_bettertransformer, proof=BT_PROOFS,
-                refusals=("not yet supported to be used with BetterTransformer",
-                          "supports natively BetterTransformer optimizations"),
-                # the nested-tensor encoder fast path takes right padding only
-                input_refusals=("Mask must be left-aligned without gaps",)),
-        Variant("bnb_int8", ("C10",), "bitsandbytes LLM.int8 via BitsAndBytesConfig(load_in_8bit=True)",
-                needs=BNB_NEEDS, load_kwargs=_bnb(load_in_8bit=True), proof=_both(BNB_PROOF),
-                tolerance="int8", place_with_device_map=True),
-        Variant("bnb_nf4", ("C11",), "bitsandbytes 4-bit NormalFloat, compute dtype = run dtype",
-                needs=BNB_NEEDS, load_kwargs=_bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
-                proof=_both(BNB_PROOF), tolerance="nf4", place_with_device_map=True),
-        Variant("bnb_fp4", ("C11",), "bitsandbytes 4-bit float, compute dtype = run dtype",
-                needs=BNB_NEEDS, load_kwargs=_bnb(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
-                proof=_both(BNB_PROOF), tolerance="fp4", place_with_device_map=True),
-        Variant("bnb_nf4_dq", ("C11",), "4-bit NormalFloat with double quantization of the scales",
-                needs=BNB_NEEDS,
-                load_kwargs=_bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                 bnb_4bit_use_double_quant=True),
-                proof=_both(BNB_PROOF), tolerance="nf4", place_with_device_map=True),
-        Variant("load_in_8bit", ("C10",), "the guides' spelling: from_pretrained(load_in_8bit=True)",
-                needs=LEGACY_BNB_KWARG, load_kwargs=_legacy_kwarg(load_in_8bit=True),
-                proof=_both(BNB_PROOF), tolerance="int8", place_with_device_map=True),
-        Variant("load_in_4bit", ("C11",), "the guides' spelling: from_pretrained(load_in_4bit=True)",
-                needs=LEGACY_BNB_KWARG, load_kwargs=_legacy_kwarg(load_in_4bit=True),
-                proof=_both(BNB_PROOF), tolerance="fp4", place_with_device_map=True),
+        Variant(
+            "eager",
+            ("REF",),
+            "plain attention: the reference every claim is measured against",
+            load_kwargs=_attn("eager"),
+            proof=_both(EAGER_PROOF),
+            reference=True,
+        ),
+        Variant(
+            "sdpa",
+            ("C08",),
+            "SDPA with torch's own backend choice",
+            load_kwargs=_attn("sdpa"),
+            refusals=NO_SUCH_IMPLEMENTATION,
+            proof=_both(SDPA_PROOF),
+        ),
+        Variant(
+            "sdpa_math",
+            ("C08",),
+            "SDPA forced to the math backend",
+            refusals=NO_SUCH_IMPLEMENTATION,
+            load_kwargs=_attn("sdpa"),
+            context=_forced("math"),
+            proof=_both(MATH_PROOF),
+        ),
+        Variant(
+            "sdpa_flash",
+            ("C08", "C09"),
+            "SDPA forced to the flash kernel",
+            needs=Needs(dtypes={"cuda": HALF}),
+            refusals=NO_SUCH_IMPLEMENTATION,
+            load_kwargs=_attn("sdpa"),
+            context=_forced("flash"),
+            proof=_both(FLASH_PROOF),
+        ),
+        Variant(
+            "sdpa_efficient",
+            ("C08",),
+            "SDPA forced to the memory-efficient kernel",
+            needs=Needs(devices=frozenset({"cuda"}), where=GPU_RUNNER),
+            refusals=NO_SUCH_IMPLEMENTATION,
+            load_kwargs=_attn("sdpa"),
+            context=_forced("efficient"),
+            proof=_both(EFFICIENT_PROOF),
+        ),
+        Variant(
+            "sdpa_cudnn",
+            ("C08", "C09"),
+            "SDPA forced to the cuDNN kernel",
+            needs=Needs(
+                packages={"torch": ">=2.5"},
+                devices=frozenset({"cuda"}),
+                min_capability=(8, 0),
+                dtypes={"cuda": HALF},
+                where=GPU_RUNNER,
+            ),
+            refusals=NO_SUCH_IMPLEMENTATION,
+            load_kwargs=_attn("sdpa"),
+            context=_forced("cudnn"),
+            proof=_both(CUDNN_PROOF),
+        ),
+        Variant(
+            "sdp_kernel_flash",
+            ("C08", "C09"),
+            "the guides' spelling: torch.backends.cuda.sdp_kernel(enable_flash=True, ...)",
+            needs=Needs(dtypes={"cuda": HALF}, predicate=("legacy_sdp_kernel",)),
+            refusals=NO_SUCH_IMPLEMENTATION,
+            load_kwargs=_attn("sdpa"),
+            context=_guides_sdp_kernel_flash,
+            proof=_both(FLASH_PROOF),
+        ),
+        Variant(
+            "fa2",
+            ("C01", "C03"),
+            "FlashAttention-2 via attn_implementation",
+            needs=Needs(packages={"flash-attn": ">=2.1", "transformers": ">=4.36"}, **FA2_NEEDS),
+            load_kwargs=_attn("flash_attention_2"),
+            refusals=NO_SUCH_IMPLEMENTATION,
+            proof={"decoder": FA2_PROOF},
+            kinds=frozenset({"decoder"}),
+        ),
+        Variant(
+            "fa2_kwarg",
+            ("C01", "C03"),
+            "the guides' spelling: use_flash_attention_2=True",
+            needs=Needs(packages={"flash-attn": ">=2.1", "transformers": "<4.53"}, **FA2_NEEDS),
+            load_kwargs=lambda dtype: {"use_flash_attention_2": True},
+            proof={"decoder": FA2_PROOF},
+            kinds=frozenset({"decoder"}),
+        ),
+        Variant(
+            "bettertransformer",
+            ("C06",),
+            "optimum BetterTransformer: model.to_bettertransformer()",
+            needs=Needs(packages={"transformers": "<4.49", "optimum": "<2.0"}, where=LEGACY_STACK),
+            load_kwargs=_attn("eager"),
+            post_load=_to_bettertransformer,
+            proof=BT_PROOFS,
+            refusals=(
+                "not yet supported to be used with BetterTransformer",
+                "supports natively BetterTransformer optimizations",
+            ),
+            # the nested-tensor encoder fast path takes right padding only
+            input_refusals=("Mask must be left-aligned without gaps",),
+        ),
+        Variant(
+            "bnb_int8",
+            ("C10",),
+            "bitsandbytes LLM.int8 via BitsAndBytesConfig(load_in_8bit=True)",
+            needs=BNB_NEEDS,
+            load_kwargs=_bnb(load_in_8bit=True),
+            proof=_both(BNB_PROOF),
+            tolerance="int8",
+            place_with_device_map=True,
+        ),
+        Variant(
+            "bnb_nf4",
+            ("C11",),
+            "bitsandbytes 4-bit NormalFloat, compute dtype = run dtype",
+            needs=BNB_NEEDS,
+            load_kwargs=_bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+            proof=_both(BNB_PROOF),
+            tolerance="nf4",
+            place_with_device_map=True,
+        ),
+        Variant(
+            "bnb_fp4",
+            ("C11",),
+            "bitsandbytes 4-bit float, compute dtype = run dtype",
+            needs=BNB_NEEDS,
+            load_kwargs=_bnb(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
+            proof=_both(BNB_PROOF),
+            tolerance="fp4",
+            place_with_device_map=True,
+        ),
+        Variant(
+            "bnb_nf4_dq",
+            ("C11",),
+            "4-bit NormalFloat with double quantization of the scales",
+            needs=BNB_NEEDS,
+            load_kwargs=_bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+            proof=_both(BNB_PROOF),
+            tolerance="nf4",
+            place_with_device_map=True,
+        ),
+        Variant(
+            "load_in_8bit",
+            ("C10",),
+            "the guides' spelling: from_pretrained(load_in_8bit=True)",
+            needs=LEGACY_BNB_KWARG,
+            load_kwargs=_legacy_kwarg(load_in_8bit=True),
+            proof=_both(BNB_PROOF),
+            tolerance="int8",
+            place_with_device_map=True,
+        ),
+        Variant(
+            "load_in_4bit",
+            ("C11",),
+            "the guides' spelling: from_pretrained(load_in_4bit=True)",
+            needs=LEGACY_BNB_KWARG,
+            load_kwargs=_legacy_kwarg(load_in_4bit=True),
+            proof=_both(BNB_PROOF),
+            tolerance="fp4",
+            place_with_device_map=True,
+        ),
     ]
 }
 
@@ -188,10 +319,17 @@ REFERENCE = "eager"
 # transformers 5.23's eager attention in float64 turns a left-padded row into NaN on its real
 # tokens (a fully masked query row's NaN flows through the next layer's attention), and a golden
 # run has to be finite wherever an answer is defined. Models without SDPA fall back to eager.
-GOLDEN = Variant("golden", (), "SDPA math backend in float64 (fp32 on GPU for half dtypes)",
-                 load_kwargs=_attn("sdpa"), refusals=NO_SUCH_IMPLEMENTATION, context=_forced("math"))
-GOLDEN_EAGER = Variant("golden_eager", (), "eager in float64, for models without SDPA",
-                       load_kwargs=_attn("eager"))
+GOLDEN = Variant(
+    "golden",
+    (),
+    "SDPA math backend in float64 (fp32 on GPU for half dtypes)",
+    refusals=NO_SUCH_IMPLEMENTATION,
+    load_kwargs=_attn("sdpa"),
+    context=_forced("math"),
+)
+GOLDEN_EAGER = Variant(
+    "golden_eager", (), "eager in float64, for models without SDPA", load_kwargs=_attn("eager")
+)
 
 
 def select(patterns: list[str] | None) -> tuple[list[Variant], list[str]]:
