@@ -53,6 +53,11 @@ class Variant:
 NO_SUCH_IMPLEMENTATION = ("does not support an attention implementation through",)
 
 
+# bitsandbytes' CPU 4-bit kernel takes only out_features divisible by its block (e.g. the trained
+# decoder's 344-wide MLP): the kernel's refusal of that shape, quoted in the skip.
+BNB_4BIT_CPU_SHAPES = ("N must be divisible by block_n",)
+
+
 def _attn(impl: str) -> Callable[[Any], dict[str, Any]]:
     return lambda dtype: {"attn_implementation": impl}
 
@@ -267,7 +272,7 @@ REGISTRY: dict[str, Variant] = {
             needs=BNB_NEEDS,
             load_kwargs=_bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
             proof=_both(BNB_PROOF),
-            tolerance="nf4",
+            tolerance="nf4", input_refusals=BNB_4BIT_CPU_SHAPES,
             place_with_device_map=True,
         ),
         Variant(
@@ -277,7 +282,7 @@ REGISTRY: dict[str, Variant] = {
             needs=BNB_NEEDS,
             load_kwargs=_bnb(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
             proof=_both(BNB_PROOF),
-            tolerance="fp4",
+            tolerance="fp4", input_refusals=BNB_4BIT_CPU_SHAPES,
             place_with_device_map=True,
         ),
         Variant(
@@ -287,7 +292,7 @@ REGISTRY: dict[str, Variant] = {
             needs=BNB_NEEDS,
             load_kwargs=_bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
             proof=_both(BNB_PROOF),
-            tolerance="nf4",
+            tolerance="nf4", input_refusals=BNB_4BIT_CPU_SHAPES,
             place_with_device_map=True,
         ),
         Variant(
@@ -307,7 +312,7 @@ REGISTRY: dict[str, Variant] = {
             needs=LEGACY_BNB_KWARG,
             load_kwargs=_legacy_kwarg(load_in_4bit=True),
             proof=_both(BNB_PROOF),
-            tolerance="fp4",
+            tolerance="fp4", input_refusals=BNB_4BIT_CPU_SHAPES,
             place_with_device_map=True,
         ),
     ]
