@@ -36,18 +36,6 @@ def dtype_kwarg(dtype: Any) -> dict[str, Any]:
     return {"dtype": dtype} if transformers_at_least("4.56") else {"torch_dtype": dtype}
 
 
-def sdpa_backend_names() -> tuple[str, ...]:
-    """SDPA backends this torch can force: ``cudnn`` exists from torch 2.2's enum onwards."""
-    try:
-        from torch.nn.attention import SDPBackend
-    except ImportError:  # torch < 2.3
-        return ("math", "flash", "efficient")
-    names = {"MATH": "math", "FLASH_ATTENTION": "flash", "EFFICIENT_ATTENTION": "efficient"}
-    if hasattr(SDPBackend, "CUDNN_ATTENTION"):
-        names["CUDNN_ATTENTION"] = "cudnn"
-    return tuple(names.values())
-
-
 _ENUM_NAMES = {
     "math": "MATH",
     "flash": "FLASH_ATTENTION",
@@ -109,7 +97,3 @@ def parse_dtype(name: str) -> Any:
     if name not in table:
         raise KeyError(f"unknown dtype {name!r}; known: {', '.join(table)}")
     return table[name]
-
-
-def short_dtype(dtype: Any) -> str:
-    return {v: k for k, v in dtype_table().items()}[dtype]

@@ -73,7 +73,10 @@ def load(zoo_model: ZooModel, variant: Variant, dtype: str, device: str, workdir
 
 def model_inputs(loaded: Loaded, batch: BatchSpec) -> dict[str, Any]:
     """Tensors for one forward; decoders get position ids that skip left padding (as generate does)."""
-    input_ids, mask = batch.materialize(loaded.vocab_size, loaded.pad_id)
+    return _tensors(loaded, *batch.materialize(loaded.vocab_size, loaded.pad_id))
+
+
+def _tensors(loaded: Loaded, input_ids: Any, mask: Any) -> dict[str, Any]:
     inputs = {"input_ids": input_ids, "attention_mask": mask}
     if loaded.accepts_position_ids:
         inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -82,7 +85,6 @@ def model_inputs(loaded: Loaded, batch: BatchSpec) -> dict[str, Any]:
 
 def forward(loaded: Loaded, batch: BatchSpec, counter: OpCounter | None = None) -> Any:
     """Outputs (logits / last hidden state) as float64 on CPU, run inside the variant's context."""
-
     return _run(loaded, model_inputs(loaded, batch), counter)
 
 
@@ -133,7 +135,7 @@ class ModelCache:
         return self._outputs[key]
 
     def golden(self, zoo_model: ZooModel, variant: Variant, dtype: str) -> Loaded:
-        """Eager in float64 on CPU; for half dtypes on a GPU, eager float32 on that GPU."""
+        """`variant` in float64 on CPU; for half dtypes on a GPU, in float32 on that GPU."""
         if self.device != "cpu" and dtype in ("fp16", "bf16"):
             return self.get(zoo_model, variant, "fp32")
         return self.get(zoo_model, variant, "fp64", device="cpu")
@@ -153,10 +155,7 @@ def forward_per_row(loaded: Loaded, batch: BatchSpec) -> Any:
     for row in range(len(batch.lengths)):
         real = mask[row].bool()
         ids = input_ids[row][real][None]
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        if loaded.accepts_position_ids:
-            inputs["position_ids"] = torch.arange(ids.shape[1])[None]
-        out = _run(loaded, {k: v.to(loaded.device) for k, v in inputs.items()})
+        out = _run(loaded, _tensors(loaded, ids, torch.ones_like(ids)))
         full = torch.full((batch.width, out.shape[-1]), float("nan"), dtype=torch.float64)
         full[real] = out[0]
         rows.append(full)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,10 +88,8 @@ def _to_bettertransformer(model: Any) -> Any:
     return model.to_bettertransformer()
 
 
-@contextlib.contextmanager
-def _guides_sdp_kernel_flash() -> Iterator[None]:
-    with legacy_sdp_kernel("flash"):
-        yield
+def _guides_sdp_kernel(backend: str) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    return lambda: legacy_sdp_kernel(backend)
 
 
 EAGER_PROOF = Proof(EAGER_SOFTMAX, forbid=SDPA_OPS, what="eager attention computes softmax itself")
@@ -138,6 +136,25 @@ LEGACY_BNB_KWARG = Needs(
     packages_on=BNB_ON_CPU,
     where="the legacy stack on " + GPU_RUNNER,
 )
+
+
+def _quantized(
+    vid: str, summary: str, needs: Needs, load_kwargs: Callable[[Any], dict[str, Any]], scheme: str
+) -> Variant:
+    """A bitsandbytes record: what every quantized variant shares, derived from its scheme."""
+    return Variant(
+        vid,
+        ("C10",) if scheme == "int8" else ("C11",),
+        summary,
+        needs=needs,
+        load_kwargs=load_kwargs,
+        proof=_both(BNB_PROOF),
+        tolerance=scheme,
+        place_with_device_map=True,
+        input_refusals=() if scheme == "int8" else BNB_4BIT_CPU_SHAPES,
+    )
+
+
 FA2_NEEDS = dict(
     devices=frozenset({"cuda"}),
     min_capability=(8, 0),
@@ -218,7 +235,7 @@ REGISTRY: dict[str, Variant] = {
             needs=Needs(dtypes={"cuda": HALF}, predicate=("legacy_sdp_kernel",)),
             refusals=NO_SUCH_IMPLEMENTATION,
             load_kwargs=_attn("sdpa"),
-            context=_guides_sdp_kernel_flash,
+            context=_guides_sdp_kernel("flash"),
             proof=_both(FLASH_PROOF),
         ),
         Variant(
@@ -255,66 +272,19 @@ REGISTRY: dict[str, Variant] = {
             # the nested-tensor encoder fast path takes right padding only
             input_refusals=("Mask must be left-aligned without gaps",),
         ),
-        Variant(
-            "bnb_int8",
-            ("C10",),
-            "bitsandbytes LLM.int8 via BitsAndBytesConfig(load_in_8bit=True)",
-            needs=BNB_NEEDS,
-            load_kwargs=_bnb(load_in_8bit=True),
-            proof=_both(BNB_PROOF),
-            tolerance="int8",
-            place_with_device_map=True,
-        ),
-        Variant(
-            "bnb_nf4",
-            ("C11",),
-            "bitsandbytes 4-bit NormalFloat, compute dtype = run dtype",
-            needs=BNB_NEEDS,
-            load_kwargs=_bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
-            proof=_both(BNB_PROOF),
-            tolerance="nf4", input_refusals=BNB_4BIT_CPU_SHAPES,
-            place_with_device_map=True,
-        ),
-        Variant(
-            "bnb_fp4",
-            ("C11",),
-            "bitsandbytes 4-bit float, compute dtype = run dtype",
-            needs=BNB_NEEDS,
-            load_kwargs=_bnb(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
-            proof=_both(BNB_PROOF),
-            tolerance="fp4", input_refusals=BNB_4BIT_CPU_SHAPES,
-            place_with_device_map=True,
-        ),
-        Variant(
-            "bnb_nf4_dq",
-            ("C11",),
-            "4-bit NormalFloat with double quantization of the scales",
-            needs=BNB_NEEDS,
-            load_kwargs=_bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
-            proof=_both(BNB_PROOF),
-            tolerance="nf4", input_refusals=BNB_4BIT_CPU_SHAPES,
-            place_with_device_map=True,
-        ),
-        Variant(
-            "load_in_8bit",
-            ("C10",),
-            "the guides' spelling: from_pretrained(load_in_8bit=True)",
-            needs=LEGACY_BNB_KWARG,
-            load_kwargs=_legacy_kwarg(load_in_8bit=True),
-            proof=_both(BNB_PROOF),
-            tolerance="int8",
-            place_with_device_map=True,
-        ),
-        Variant(
-            "load_in_4bit",
-            ("C11",),
-            "the guides' spelling: from_pretrained(load_in_4bit=True)",
-            needs=LEGACY_BNB_KWARG,
-            load_kwargs=_legacy_kwarg(load_in_4bit=True),
-            proof=_both(BNB_PROOF),
-            tolerance="fp4", input_refusals=BNB_4BIT_CPU_SHAPES,
-            place_with_device_map=True,
-        ),
+        _quantized("bnb_int8", "bitsandbytes LLM.int8 via BitsAndBytesConfig(load_in_8bit=True)",
+                   BNB_NEEDS, _bnb(load_in_8bit=True), "int8"),
+        _quantized("bnb_nf4", "bitsandbytes 4-bit NormalFloat, compute dtype = run dtype",
+                   BNB_NEEDS, _bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4"), "nf4"),
+        _quantized("bnb_fp4", "bitsandbytes 4-bit float, compute dtype = run dtype",
+                   BNB_NEEDS, _bnb(load_in_4bit=True, bnb_4bit_quant_type="fp4"), "fp4"),
+        _quantized("bnb_nf4_dq", "4-bit NormalFloat with double quantization of the scales",
+                   BNB_NEEDS, _bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                   bnb_4bit_use_double_quant=True), "nf4"),
+        _quantized("load_in_8bit", "the guides' spelling: from_pretrained(load_in_8bit=True)",
+                   LEGACY_BNB_KWARG, _legacy_kwarg(load_in_8bit=True), "int8"),
+        _quantized("load_in_4bit", "the guides' spelling: from_pretrained(load_in_4bit=True)",
+                   LEGACY_BNB_KWARG, _legacy_kwarg(load_in_4bit=True), "fp4"),
     ]
 }
 
