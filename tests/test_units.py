@@ -43,9 +43,9 @@ def test_boundary_lengths_cover_kernel_tiles() -> None:
 
 
 def test_needs_reason_names_what_and_where() -> None:
-    needs = Needs(packages={"transformers": "<4.49"}, where="the legacy stack")
+    needs = Needs(packages={"transformers": "<1.0"}, where="the legacy stack")  # unmet on any stack
     reason = needs.unmet(CPU)
-    assert reason is not None and reason.startswith("needs transformers<4.49 (installed: ")
+    assert reason is not None and reason.startswith("needs transformers<1.0 (installed: ")
     assert reason.endswith("run on the legacy stack")
     assert Needs(devices=frozenset({"cuda"})).unmet(CPU).startswith("needs a cuda device")
     assert Needs(packages={"no-such-dist": ""}).unmet(CPU).startswith("needs no-such-dist")
