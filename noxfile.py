@@ -23,7 +23,9 @@ STACKS: dict[str, list[str]] = {
     "current": ["transformers>=5,<6", "optimum>=2", "accelerate", "bitsandbytes>=0.47"],
     # the last pair with BetterTransformer, reverse_bettertransformer, use_flash_attention_2,
     # load_in_8bit
-    "legacy": ["transformers==4.48.3", "optimum==1.27.0", "accelerate<1.5", "bitsandbytes>=0.47"],
+    "legacy": ["transformers==4.48.3", "optimum==1.27.0", "accelerate<1.5", "bitsandbytes>=0.47",
+               # ONNX Runtime through optimum.onnxruntime (C15); transformers 5 has no Optimum for it
+               "onnx", "onnxruntime>=1.16"],
     # the declared floor of the supported range: a smoke run only
     "floor": ["transformers==4.36.2", "optimum==1.14.1", "accelerate==0.26.1", "numpy<2"],
 }
@@ -32,6 +34,12 @@ EXPECTATIONS = {
     "current": ["--xfails-file", "fixtures/expectations/current-cpu.txt"],
     "floor": ["--xfails-file", "fixtures/expectations/floor-cpu.txt"],
 }
+
+
+# The false-alarm measurement's selection: the trained decoder, a random-init decoder with
+# absolute positions, a RoPE decoder and an encoder, every variant the stack runs.
+FALSE_ALARM_SELECTION = ["--model", "tiny-llama-trained", "--model", "llama", "--model", "gpt2",
+                         "--model", "bert", "-m", "not budget"]
 
 
 def _stack(session: nox.Session, stack: str) -> None:
@@ -43,6 +51,15 @@ def _stack(session: nox.Session, stack: str) -> None:
     if "suite" in jobs:
         session.run("pytest", "--pyargs", "conformance", "-q", *EXPECTATIONS.get(stack, []),
                     "--conformance-report", f"reports/{stack}", env=env)
+    if "false-alarms" in jobs:  # nightly, not CI: unmodified variants, random seeds, 20 runs
+        runs = int(os.environ.get("CONFORMANCE_RUNS", "20"))
+        for run in range(runs):
+            session.run("pytest", "--pyargs", "conformance", "-q", "-p", "no:randomly",
+                        "--hypothesis-profile", "nightly", "--hypothesis-seed", str(run * 7919 + 1),
+                        *EXPECTATIONS.get(stack, []), *FALSE_ALARM_SELECTION,
+                        "--conformance-report", f"reports/false-alarms/{stack}/{run}", env=env,
+                        success_codes=[0, 1])
+        session.run("python", "-m", "conformance.false_alarms", f"reports/false-alarms/{stack}")
     if "smoke" in jobs:
         session.run("pytest", "--pyargs", "conformance", "-q", "-m", "smoke",
                     *EXPECTATIONS.get(stack, []), env=env)

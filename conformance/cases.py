@@ -46,11 +46,14 @@ def expand(
     paddings: tuple[str, ...] | None = None,
     kinds: frozenset[str] | None = None,
     variant_filter: Any = None,
+    model_filter: Any = None,
 ) -> list[tuple[Case, str | None]]:
     """(case, skip reason or None) for every applicable combination, in a stable order."""
     out = []
     for model in selection.models:
         if kinds is not None and model.kind not in kinds:
+            continue
+        if model_filter is not None and not model_filter(model):
             continue
         for variant in selection.variants:
             if model.kind not in variant.kinds:

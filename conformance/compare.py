@@ -100,3 +100,53 @@ def quant_verdict(
         return (f"{scheme} output moved too far: ||variant - golden|| / ||golden|| = {rel:.3g} > "
                 f"{tol.max_rel_l2} ({scheme}, {dtype})", figures)
     return None, figures
+
+
+def on_real(out: Any, mask: Any) -> Any:
+    """The real-token positions of a [B, W, V] output, in row order, as [N, V]."""
+    return out[mask.bool()]
+
+
+def invariance_verdict(
+    got: Any, want: Any, noise: float, scale: float, dtype: str, what: str
+) -> tuple[str | None, dict[str, float]]:
+    """Two runs of one variant that must agree ([N, V] each, real tokens): their difference may be
+    at most K x the plain reference's own rounding error on these sequences, plus a floor."""
+    import torch
+
+    tol = tolerances.invariance(dtype)
+    floor = tol.floor_ulps * eps(dtype) * scale
+    bound = tol.k * noise + floor
+    finite = torch.isfinite(want)
+    if (finite & ~torch.isfinite(got)).any():
+        where = int((finite & ~torch.isfinite(got)).any(-1).nonzero()[0])
+        return f"{what}: non-finite output at real token {where} where the other run is finite", {}
+    diff = (got - want).abs().masked_fill(~finite, 0)
+    worst = float(diff.max()) if diff.numel() else 0.0
+    figures = {"max_abs_diff": worst, "noise": noise, "bound": bound,
+               "err_over_bound": worst / bound if bound > 0 else float("inf"), "k": tol.k, "floor": floor}
+    if worst > bound:
+        token = int(diff.amax(-1).argmax())
+        return (f"{what}: max|difference| = {worst:.3g} > bound {bound:.3g} (= {tol.k} x reference "
+                f"rounding error {noise:.3g} + floor {floor:.3g}) at real token {token}", figures)
+    return None, figures
+
+
+def spread_verdict(
+    got: Any, want: Any, scheme: str, dtype: str, what: str
+) -> tuple[str | None, dict[str, Any]]:
+    """For a path whose rows depend on the batch by design: the two runs may differ by at most the
+    scheme's own error bound, ||got - want|| / ||want|| <= tolerances.QUANT[scheme]."""
+    import torch
+
+    bound = tolerances.quant(scheme, dtype).max_rel_l2
+    finite = torch.isfinite(want) & torch.isfinite(got)
+    if not bool(finite.all()):
+        return f"{what}: non-finite output on real tokens", {}
+    norm = float(want.norm())
+    rel = float((got - want).norm()) / norm if norm > 0 else 0.0
+    figures = {"rel_l2_spread": rel, "bound": bound, "err_over_bound": rel / bound}
+    if rel > bound:
+        return (f"{what}: ||difference|| / ||output|| = {rel:.3g} > {bound} (the {scheme} scheme's "
+                "bound)", figures)
+    return None, figures

@@ -1,9 +1,11 @@
 """Vendors' and stacks' expectation files: one test id (or a fragment of one) per line,
-``#`` comments; the comment above an entry is its reason. Entries that match no test are
-reported, never silently ignored (array-api-tests' --xfails-file / --skips-file)."""
+``#`` comments, ``*`` matching any run of characters; the comment above an entry is its reason.
+Entries that match no test are reported, never silently ignored (array-api-tests'
+--xfails-file / --skips-file)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,4 +42,7 @@ def parse(path: str) -> list[Entry]:
 
 
 def matches(entry: Entry, nodeid: str) -> bool:
-    return entry.pattern in nodeid
+    """A fragment of the test id; `*` stands for any run of characters (brackets are literal)."""
+    if "*" not in entry.pattern:
+        return entry.pattern in nodeid
+    return re.search(".*".join(re.escape(part) for part in entry.pattern.split("*")), nodeid) is not None

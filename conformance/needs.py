@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from packaging.specifiers import SpecifierSet
@@ -28,6 +28,8 @@ class Needs:
     dtypes: Mapping[str, frozenset[str]] = field(default_factory=dict)
     where: str = ""  # where the variant does run, for the skip reason
     predicate: tuple[str, ...] = ()  # names of extra checks in PREDICATES
+    # why only `dtypes` run (replaces `where` in a dtype skip: another stack would not help)
+    dtype_note: str = ""
 
     def unmet(self, env: Environment, dtype: str | None = None) -> str | None:
         """None when the variant can run here, else a reason naming what is missing."""
@@ -52,7 +54,8 @@ class Needs:
             return self._reason(f"needs compute capability >= {cc} (this device: {env.capability})")
         allowed = self.dtypes.get(env.kind)
         if dtype is not None and allowed is not None and dtype not in allowed:
-            return self._reason(f"supports {'/'.join(sorted(allowed))} on {env.kind}, not {dtype}")
+            what = f"supports {'/'.join(sorted(allowed))} on {env.kind}, not {dtype}"
+            return f"{what}: {self.dtype_note}" if self.dtype_note else self._reason(what)
         for name in self.predicate:
             reason = PREDICATES[name]()
             if reason:
@@ -78,7 +81,39 @@ def _flash_attn_importable() -> str | None:
     return None
 
 
+def _optimum_onnxruntime_missing() -> str | None:
+    from conformance.onnx_runtime import optimum_ort_missing
+
+    return optimum_ort_missing()
+
+
+def _ort_provider(provider: str) -> Callable[[], str | None]:
+    def missing() -> str | None:
+        from conformance.onnx_runtime import provider_missing
+
+        return provider_missing(provider)
+
+    return missing
+
+
+def _compile_opted_in() -> str | None:
+    from conformance.compiled import opt_in_missing
+
+    return opt_in_missing()
+
+
+def _cxx_compiler() -> str | None:
+    from conformance.compiled import cxx_compiler_missing
+
+    return cxx_compiler_missing()
+
+
 PREDICATES = {
     "legacy_sdp_kernel": _legacy_sdp_kernel_missing,
     "flash_attn_importable": _flash_attn_importable,
+    "optimum_onnxruntime": _optimum_onnxruntime_missing,
+    "ort_cuda_provider": _ort_provider("CUDAExecutionProvider"),
+    "ort_tensorrt_provider": _ort_provider("TensorrtExecutionProvider"),
+    "compile_opted_in": _compile_opted_in,
+    "cxx_compiler": _cxx_compiler,
 }

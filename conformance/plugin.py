@@ -13,7 +13,10 @@ from typing import Any
 import pytest
 
 from conformance.compat import DTYPE_NAMES
-from conformance.report import Record, Report
+from conformance.report import Record, Report, not_applicable
+
+# xdist: one worker per GPU, each pinned to its own; multi_gpu checks (conformance/gpus.py)
+pytest_plugins = ["conformance.gpus"]
 
 CLAIM_RE = re.compile(r"^(C\d\d|REF)$")
 CLAIM_IDS = [f"C{n:02d}" for n in range(1, 17)] + ["REF"]
@@ -22,6 +25,9 @@ PROFILE = pytest.StashKey[str]()
 USER_MODELS = pytest.StashKey["tuple[Any, ...]"]()
 EXPECTATIONS = pytest.StashKey["tuple[list[Any], list[Any]]"]()
 UNMATCHED = pytest.StashKey["list[Any]"]()
+BUDGETS = pytest.StashKey["list[Any]"]()  # conformance.budgets.Budget, from --budgets or shipped
+BASELINE = pytest.StashKey["dict[str, Any]"]()  # --baseline: the previous report.json
+GATING = pytest.StashKey["dict[str, Any]"]()  # the comparison with the baseline, once computed
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -42,7 +48,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--skips-file", action="append", default=[], metavar="FILE",
                     help="tests to skip here: one id or id fragment per line, # comments")
     group.addoption("--conformance-report", default=None, metavar="DIR",
-                    help="write DIR/report.json with every result and its figures")
+                    help="write DIR/report.json with every result and its figures, and render "
+                         "DIR/report.md and DIR/report.html from it")
+    group.addoption("--budgets", action="append", default=[], metavar="FILE",
+                    help="speed/memory budget file (TOML; repeatable); runs the budget checks. "
+                         "Default with -m budget: the shipped fixtures/budgets/*.toml")
+    group.addoption("--baseline", default=None, metavar="OLD/report.json",
+                    help="release gating: fail on regressions against this previous report")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -52,10 +64,13 @@ def pytest_configure(config: pytest.Config) -> None:
     for claim in CLAIM_IDS:
         config.addinivalue_line("markers", f"{claim}: checks documented claim {claim} (SPEC.md)")
     config.addinivalue_line("markers", "smoke: one model through each variant (floor-stack smoke run)")
-    config.addinivalue_line("markers", "cases(paddings=None, kinds=None): how a check expands")
+    config.addinivalue_line("markers", "cases(paddings=None, kinds=None, variant_filter=None, "
+                                       "model_filter=None): how a check expands")
+    config.addinivalue_line("markers", "budget: speed/memory budget checks (run with -m budget "
+                                       "or --budgets FILE; left out otherwise)")
     _load_hypothesis_profile(config)
     _validate_options(config)
-    if config.getoption("conformance_report"):
+    if config.getoption("conformance_report") or config.getoption("baseline"):
         config.pluginmanager.register(ReportCollector(config), "conformance-report")
 
 
@@ -104,6 +119,21 @@ def _validate_options(config: pytest.Config) -> None:
         )
     except ExpectationsError as exc:
         raise pytest.UsageError(str(exc)) from None
+    from conformance.budgets import BudgetError, load, shipped_files
+
+    try:
+        config.stash[BUDGETS] = load(config.getoption("budgets") or shipped_files())
+    except BudgetError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    # imported whether or not --baseline is given: Hypothesis draws constants from every loaded
+    # local module, so the set of modules must not depend on options or examples would differ
+    from conformance.gating import BaselineError, load_baseline
+
+    if config.getoption("baseline"):
+        try:
+            config.stash[BASELINE] = load_baseline(config.getoption("baseline"))
+        except BaselineError as exc:
+            raise pytest.UsageError(str(exc)) from None
     report_dir = config.getoption("conformance_report")
     if report_dir and Path(report_dir).exists() and not Path(report_dir).is_dir():
         raise pytest.UsageError(f"--conformance-report {report_dir}: exists and is not a directory")
@@ -137,15 +167,19 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
     marker = metafunc.definition.get_closest_marker("cases")
     options = dict(marker.kwargs) if marker else {}
+    # cases(claims=(...)): a check that verifies its own claims (a round-trip), not its variants'
+    own_claims = options.pop("claims", None)
     chosen = selection(metafunc.config)
     smoke = _smoke_models(chosen)
     params = []
     for case, reason in expand(chosen, **options):
-        marks: list[Any] = [getattr(pytest.mark, claim) for claim in case.claims]
+        marks: list[Any] = [getattr(pytest.mark, claim) for claim in own_claims or case.claims]
+        if reason and chosen.env.kind not in case.variant.needs.devices:
+            reason = not_applicable(f"{case.variant.id} on {chosen.env.kind}: {reason}")
         if reason:
             marks.append(pytest.mark.skip(reason=reason))
-        if case.model.name in smoke and case.dtype == chosen.dtypes[0] \
-                and case.padding in (None, "right"):
+        if metafunc.function.__name__ == "test_logits" and case.model.name in smoke \
+                and case.dtype == chosen.dtypes[0] and case.padding in (None, "right"):
             marks.append(pytest.mark.smoke)
         params.append(pytest.param(case, id=case.id, marks=marks))
     metafunc.parametrize("case", params)
@@ -154,8 +188,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Apply expectation files. Expected failures of Hypothesis-driven checks become skips
     (xfail plus shrinking is slow and flaky); plain tests get a strict xfail."""
+    from conformance.budgets import requested
     from conformance.expectations import matches
 
+    run_budgets = requested(config)  # budget checks are left out of the quick run (budgets.py)
+    left_out = [item for item in items if item.get_closest_marker("budget") and (
+        not run_budgets or not hasattr(getattr(item, "callspec", None) and
+                                       item.callspec.params.get("budget"), "case"))]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if item not in left_out]
     xfails, skips = config.stash.get(EXPECTATIONS, ([], []))
     used = set()
     for item in items:
@@ -180,6 +222,18 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             f"conformance: expectation {entry.where} {entry.pattern!r} matched no test",
             yellow=True,
         )
+    skipped = terminalreporter.stats.get("skipped", [])
+    inapplicable = [r for r in skipped if _outcome(r)[0] == "not_applicable"]
+    if inapplicable:
+        terminalreporter.write_line(
+            f"conformance: {len(inapplicable)} of {len(skipped)} skipped checks are not applicable "
+            "on this device (not failures; see the skip reasons)")
+    if GATING in config.stash:
+        from conformance.gating import table_lines
+
+        gating = config.stash[GATING]
+        for line in table_lines(gating):
+            terminalreporter.write_line(line, red=bool(gating["regressions"]))
 
 
 def _smoke_models(chosen: Any) -> set[str]:
@@ -212,7 +266,9 @@ def _info(item: pytest.Item) -> dict[str, Any]:
     for key, value in item.user_properties:
         if key == "conformance":
             return value
-    case = getattr(item, "callspec", None) and item.callspec.params.get("case")
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    case = params.get("case") or getattr(params.get("budget"), "case", None)
+    case = case if hasattr(case, "variant") else None  # an empty expansion parametrizes NOTSET
     info = {
         "check": item.originalname.removeprefix("test_") if hasattr(item, "originalname")
         else item.name,
@@ -262,19 +318,41 @@ class ReportCollector:
         if hasattr(self.config, "workerinput"):
             return
         self.report.environment = _environment(self.config)
-        path = self.report.write(Path(self.config.getoption("conformance_report")))
         tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        if BASELINE in self.config.stash:
+            from conformance.gating import compare
+
+            current = {"environment": self.report.environment,
+                       "results": [r.as_json() for r in self.report.records.values()]}
+            gating = self.report.gating = self.config.stash[GATING] = compare(
+                self.config.stash[BASELINE], current)
+            if gating["regressions"] and session.exitstatus == pytest.ExitCode.OK:
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if not self.config.getoption("conformance_report"):
+            return
+        path = self.report.write(Path(self.config.getoption("conformance_report")))
         if tr is not None:
             tr.write_line(f"conformance report: {path}")
+        try:
+            from conformance.render import render_dir
+
+            pages = render_dir(path.parent)
+        except Exception as exc:  # the human pages must never change the run's verdict
+            pages = [f"not rendered ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"]
+        if tr is not None:
+            tr.write_line(f"conformance pages: {', '.join(map(str, pages))}")
 
 
 def _outcome(report: pytest.TestReport) -> tuple[str, str]:
     if hasattr(report, "wasxfail"):
         return ("xfailed" if report.skipped else "xpassed"), str(report.wasxfail)
     if report.skipped:
+        from conformance.report import skip_outcome
+
         longrepr = report.longrepr
         reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
-        return "skipped", reason.removeprefix("Skipped: ")
+        reason = reason.removeprefix("Skipped: ")
+        return skip_outcome(reason), reason
     if report.failed:
         crash = getattr(report.longrepr, "reprcrash", None)
         message = crash.message if crash is not None else str(report.longrepr)
@@ -293,6 +371,11 @@ def _environment(config: pytest.Config) -> dict[str, Any]:
         "max_examples": settings.default.max_examples,
     }
     env["stack"] = os.environ.get("CONFORMANCE_STACK")
+    from conformance.gpus import worker_pins
+
+    pins = worker_pins(config)
+    if pins:  # an xdist run: which worker ran on which GPU
+        env["xdist_workers"] = pins
     return env
 
 

@@ -10,6 +10,19 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 
+# A check that cannot exist on this device (a CUDA-only path on a CPU or a vendor's own
+# accelerator, a budget for another hardware class) is skipped with a reason starting with this
+# prefix; the report counts it as "not_applicable", apart from skips of checks that could run.
+NOT_APPLICABLE = "not applicable"
+
+
+def not_applicable(reason: str) -> str:
+    return reason if reason.startswith(NOT_APPLICABLE) else f"{NOT_APPLICABLE}: {reason}"
+
+
+def skip_outcome(reason: str) -> str:
+    return "not_applicable" if reason.startswith(NOT_APPLICABLE) else "skipped"
+
 
 @dataclass
 class Record:
@@ -34,6 +47,7 @@ class Report:
     environment: dict[str, Any]
     records: dict[str, Record] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    gating: dict[str, Any] | None = None  # --baseline: the comparison with a previous report
 
     def write(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
@@ -46,6 +60,8 @@ class Report:
             "summary": self.summary(),
             "results": [r.as_json() for r in self.records.values()],
         }
+        if self.gating is not None:
+            body["gating"] = self.gating
         path.write_text(json.dumps(body, indent=1, default=_jsonable, allow_nan=True) + "\n")
         return path
 
@@ -55,7 +71,10 @@ class Report:
             for claim in record.claims or ["-"]:
                 counts = by_claim.setdefault(claim, {})
                 counts[record.outcome] = counts.get(record.outcome, 0) + 1
-        return {"by_claim": dict(sorted(by_claim.items()))}
+        outcomes: dict[str, int] = {}
+        for record in self.records.values():
+            outcomes[record.outcome] = outcomes.get(record.outcome, 0) + 1
+        return {"by_claim": dict(sorted(by_claim.items())), "outcomes": dict(sorted(outcomes.items()))}
 
 
 def _jsonable(value: Any) -> Any:

@@ -53,21 +53,28 @@ def load(zoo_model: ZooModel, variant: Variant, dtype: str, device: str, workdir
         source = materialize(zoo_model, workdir)
         kwargs = {**dtype_kwarg(torch_dtype), **variant.load_kwargs(torch_dtype)}
         if variant.place_with_device_map:
-            kwargs["device_map"] = {"": device}
-        model = auto_class(zoo_model.kind).from_pretrained(source, **kwargs)
-        if not variant.place_with_device_map:
-            model.to(device)
-        model.eval()
+            kwargs.setdefault("device_map", {"": device})  # a round-trip may reload under another map
+        if variant.loader is not None:  # a path with its own loading (an ONNX export): it places
+            model = variant.loader(source, zoo_model.kind, torch_dtype, device, kwargs)
+        else:
+            model = auto_class(zoo_model.kind).from_pretrained(source, **kwargs)
+            if not variant.place_with_device_map:
+                model.to(device)
+            model.eval()
         if variant.post_load is not None:
             model = variant.post_load(model)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         refused = any(marker in str(exc) for marker in variant.refusals)
         verb = "refuses" if refused else "failed"
-        raise LoadError(
-            f"{variant.id} {verb} {zoo_model.name} in {dtype}: {type(exc).__name__}: {first[:300]}",
-            refused=refused,
-        ) from exc
+        detail = f"{type(exc).__name__}: {first[:300]}"
+        if not refused:  # a damaged checkpoint is named as such, not by the library's symptom
+            from conformance.roundtrip import checkpoint_problem
+
+            cause = checkpoint_problem(zoo_model, workdir)
+            detail = f"{cause} ({type(exc).__name__})" if cause else detail
+        message = f"{variant.id} {verb} {zoo_model.name} in {dtype}: {detail}"
+        raise LoadError(message, refused=refused) from exc
     return Loaded(model, zoo_model, variant, dtype, device)
 
 

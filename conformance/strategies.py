@@ -43,21 +43,49 @@ class BatchSpec:
                 mask[row, :n] = 1
         return mask
 
-    def materialize(self, vocab_size: int, pad_id: int) -> tuple[Any, Any]:
-        """(input_ids, attention_mask) as int64 CPU tensors; pad positions hold `pad_id`."""
+    def rows(self, vocab_size: int) -> list[Any]:
+        """Each row's real tokens (int64 CPU tensors); a row's content depends only on the seed and
+        its index, not on the padding side, so the same sequences can be padded either way."""
         import torch
 
-        gen = torch.Generator().manual_seed(self.seed)
-        tokens = torch.randint(FIRST_TOKEN, vocab_size, (len(self.lengths), self.width), generator=gen)
-        mask = self.mask()
-        input_ids = torch.where(mask.bool(), tokens, torch.full_like(tokens, pad_id))
-        return input_ids, mask
+        out = []
+        for row, n in enumerate(self.lengths):
+            gen = torch.Generator().manual_seed(self.seed * 1009 + row)
+            out.append(torch.randint(FIRST_TOKEN, vocab_size, (n,), generator=gen))
+        return out
+
+    def materialize(self, vocab_size: int, pad_id: int) -> tuple[Any, Any]:
+        """(input_ids, attention_mask) as int64 CPU tensors; pad positions hold `pad_id`."""
+        return pad_rows(self.rows(vocab_size), self.padding, pad_id, self.width)
 
     def reproduction(self) -> str:
         return (
             "from conformance.strategies import BatchSpec\n"
             f"batch = BatchSpec(lengths={self.lengths!r}, padding={self.padding!r}, seed={self.seed})"
         )
+
+
+def pad_rows(rows: list[Any], side: str, pad_id: int, width: int | None = None,
+             fill: Any = None) -> tuple[Any, Any]:
+    """Rows of real tokens padded to `width` on `side` ("none" means right): (input_ids, mask).
+
+    `fill` (a tensor as wide as the batch) replaces the pad id at padded positions: real tokens
+    must not see what sits there.
+    """
+    import torch
+
+    width = width if width is not None else max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row)
+        cols = slice(width - n, width) if side == "left" else slice(0, n)
+        if n:
+            input_ids[i, cols] = row
+            mask[i, cols] = 1
+    if fill is not None:
+        input_ids = torch.where(mask.bool(), input_ids, fill)
+    return input_ids, mask
 
 
 def lengths(max_len: int) -> st.SearchStrategy[int]:

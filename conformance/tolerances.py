@@ -48,9 +48,48 @@ QUANT: dict[str, QuantTolerance] = {
 }
 
 
+# Invariance properties (padding, batch, mask, cache, fully padded rows, run-to-run spread)
+# compare two runs of the *same* variant that must agree. Their difference is judged against the
+# rounding error the plain same-dtype reference makes on the same sequences (max|eager - golden|,
+# "noise"): difference <= K * noise + floor. See README "How the tolerances were measured".
+INVARIANCE: dict[str, KernelTolerance] = {
+    "fp32": KernelTolerance(k=2.0, floor_ulps=8.0),
+    "bf16": KernelTolerance(k=2.0, floor_ulps=1.0),
+    "fp16": KernelTolerance(k=2.0, floor_ulps=1.0),
+}
+
+
+def invariance(dtype: str) -> KernelTolerance:
+    return INVARIANCE[dtype]
+
+
 def kernel(dtype: str) -> KernelTolerance:
     return KERNEL[dtype]
 
 
 def quant(scheme: str, dtype: str) -> QuantTolerance:
     return QUANT[scheme]
+
+
+# Release gating (--baseline, conformance/gating.py): how far a figure may move between a
+# baseline run and this run before it is a regression.
+# - Error figures, same stack, derandomized (ci profile): two runs reproduce every figure
+#   exactly (measured: tests/test_gating.py runs the same selection twice), so the band is zero.
+# - Error figures, other stack (versions or device differ): current (transformers 5.23) vs
+#   legacy (4.48.3) ci runs on this CPU, 330 checks passing on both: err_over_bound moved by at
+#   most +0.064 (x1.21), max_abs_err by at most x1.29. Band: x1.5, plus 0.1 for err_over_bound.
+# - Speed ratios (at the budgets' judged lengths, seq >= from_seq): four runs of the CPU budgets
+#   on this shared 2-core machine gave the same point medians up to 62% apart (max/min, seq 512;
+#   at most 9% at seq 1024) while each run's own noise (rel. IQR of its rounds) was 1.5-41%.
+#   Band: a drop of max(floor, k x the larger noise of the two runs), capped, so a run-to-run
+#   swing like the measured one passes and a 2.5x slowdown is always a regression. On a
+#   dedicated GPU runner the floor can be lowered.
+# - Memory ratios, exponents and footprints: the CPU allocator's events and CUDA's peak counter
+#   gave identical figures in every run on one stack; 5% leaves room for nothing but a change
+#   (legacy vs current differ by up to 21% for padded SDPA: transformers builds other masks).
+GATING: dict[str, dict[str, float]] = {
+    "error_same_stack": {"rel": 0.0, "abs": 0.0},
+    "error_other_stack": {"rel": 0.5, "abs": 0.1},
+    "speed": {"k": 3.0, "floor": 0.4, "cap": 0.6},
+    "memory": {"rel": 0.05},
+}

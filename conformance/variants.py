@@ -43,6 +43,17 @@ class Variant:
     refusals: tuple[str, ...] = ()
     # forward errors that are the path's documented refusal of an input: a skip with the reason
     input_refusals: tuple[str, ...] = ()
+    # why a row's output depends, by design, on the rest of the batch ("" = it must not); such a
+    # variant's invariance properties are bounded by its scheme's tolerance, not rounding noise
+    batch_dependent: str = ""
+    # round-trips (C07, C16): how a converting post_load is undone (None: nothing to undo), how the
+    # model is saved (None: save_pretrained) and a step after reloading (None: from_pretrained only)
+    reverse: Callable[[Any], Any] | None = None
+    save: Callable[..., None] | None = None
+    post_reload: Callable[[Any], Any] | None = None
+    # a path with its own loading (None: from_pretrained with load_kwargs): called as
+    # loader(source, kind, torch dtype, device, kwargs) and returns the model, placed
+    loader: Callable[..., Any] | None = None
 
     def proof_for(self, kind: str) -> Proof | None:
         return self.proof.get(kind)
@@ -86,6 +97,10 @@ def _legacy_kwarg(**flags: Any) -> Callable[[Any], dict[str, Any]]:
 
 def _to_bettertransformer(model: Any) -> Any:
     return model.to_bettertransformer()
+
+
+def _reverse_bettertransformer(model: Any) -> Any:
+    return model.reverse_bettertransformer()
 
 
 def _guides_sdp_kernel(backend: str) -> Callable[[], contextlib.AbstractContextManager[Any]]:
@@ -152,6 +167,64 @@ def _quantized(
         tolerance=scheme,
         place_with_device_map=True,
         input_refusals=() if scheme == "int8" else BNB_4BIT_CPU_SHAPES,
+        batch_dependent=LLM_INT8_BATCH_WIDE if scheme == "int8" else "",
+    )
+
+
+# LLM.int8 (Dettmers et al. 2022) keeps in 16-bit the hidden dimensions where *any* token of the
+# batch exceeds llm_int8_threshold (6.0): neighbours and pad tokens change which columns a row
+# is computed with. Measured on the zoo: up to 2.4% of the logit scale between a row alone and
+# padded (bert, fp32).
+LLM_INT8_BATCH_WIDE = ("LLM.int8 picks its 16-bit outlier columns across the whole batch "
+                       "(llm_int8_threshold), so a row's output depends on its neighbours")
+
+
+# ONNX Runtime through Optimum (C15). optimum.onnxruntime comes with optimum<2.0 or, since 2.0,
+# the optimum-onnx package, whose only release (0.1.0) needs transformers<4.58: on transformers
+# 5.x neither can be installed. Optimum's export=True writes an fp32 graph.
+ORT_WHERE = LEGACY_STACK + "; optimum-onnx 0.1, its Optimum 2 home, needs transformers<4.58"
+ORT_PACKAGES = {"onnxruntime": ">=1.16", "onnx": "", "transformers": "<4.58"}
+ORT_DTYPE_NOTE = "Optimum's export=True writes an fp32 graph (half precision is not this path)"
+
+
+def _ort(vid: str, provider: str, summary: str, devices: frozenset[str], where: str,
+         predicate: tuple[str, ...] = ()) -> Variant:
+    """An ONNX Runtime record: export with Optimum, run a session on `provider`."""
+    from conformance import onnx_runtime
+
+    return Variant(
+        vid,
+        ("C15",),
+        summary,
+        needs=Needs(packages=ORT_PACKAGES, devices=devices,
+                    dtypes={kind: frozenset({"fp32"}) for kind in devices},
+                    predicate=("optimum_onnxruntime", *predicate), where=where,
+                    dtype_note=ORT_DTYPE_NOTE),
+        load_kwargs=lambda dtype: {"provider": provider},
+        loader=onnx_runtime.load,
+        proof=_both(onnx_runtime.proof(provider)),
+        refusals=onnx_runtime.EXPORT_REFUSALS,
+        input_refusals=onnx_runtime.INPUT_REFUSALS,
+    )
+
+
+# torch.compile: opt-in (slow to compile on CPU), and inductor's CPU kernels need a C++ compiler
+COMPILE_NEEDS = dict(predicate=("compile_opted_in", "cxx_compiler"))
+
+
+def _compiled(vid: str, summary: str, needs: Needs, max_graph_breaks: int = 0,
+              **compile_args: Any) -> Variant:
+    from conformance import compiled
+
+    return Variant(
+        vid,
+        (),  # torch.compile is in the documentation set but none of SPEC's claims C01..C16
+        summary,
+        needs=needs,
+        post_load=compiled.compile_forward(**compile_args),
+        proof=_both(compiled.CompiledProof(max_graph_breaks=max_graph_breaks, what=summary)),
+        refusals=(compiled.STATIC_REFUSAL,),
+        kinds=frozenset({"decoder"}) if compile_args.get("static_cache") else KINDS,
     )
 
 
@@ -264,6 +337,7 @@ REGISTRY: dict[str, Variant] = {
             needs=Needs(packages={"transformers": "<4.49", "optimum": "<2.0"}, where=LEGACY_STACK),
             load_kwargs=_attn("eager"),
             post_load=_to_bettertransformer,
+            reverse=_reverse_bettertransformer,
             proof=BT_PROOFS,
             refusals=(
                 "not yet supported to be used with BetterTransformer",
@@ -285,6 +359,29 @@ REGISTRY: dict[str, Variant] = {
                    LEGACY_BNB_KWARG, _legacy_kwarg(load_in_8bit=True), "int8"),
         _quantized("load_in_4bit", "the guides' spelling: from_pretrained(load_in_4bit=True)",
                    LEGACY_BNB_KWARG, _legacy_kwarg(load_in_4bit=True), "fp4"),
+        _ort("ort_cpu", "CPUExecutionProvider",
+             "ONNX Runtime via Optimum: ORTModelFor*.from_pretrained(export=True), CPU provider",
+             frozenset({"cpu"}), ORT_WHERE),
+        _ort("ort_cuda", "CUDAExecutionProvider",
+             "ONNX Runtime via Optimum on the CUDA execution provider (the guides' GPU path)",
+             frozenset({"cuda"}), ORT_WHERE + ", on " + GPU_RUNNER + " with onnxruntime-gpu",
+             predicate=("ort_cuda_provider",)),
+        _ort("ort_tensorrt", "TensorrtExecutionProvider",
+             "ONNX Runtime via Optimum on the TensorRT execution provider",
+             frozenset({"cuda"}), ORT_WHERE + ", on " + GPU_RUNNER + " with onnxruntime-gpu + TensorRT",
+             predicate=("ort_tensorrt_provider",)),
+        _compiled("compile", "torch.compile(model.forward), default mode (inductor)",
+                  Needs(packages={"torch": ">=2.1"}, **COMPILE_NEEDS)),
+        _compiled("compile_reduce_overhead",
+                  "torch.compile(model.forward, mode='reduce-overhead'): CUDA graphs",
+                  Needs(packages={"torch": ">=2.1"}, devices=frozenset({"cuda"}), where=GPU_RUNNER,
+                        **COMPILE_NEEDS),
+                  mode="reduce-overhead"),
+        _compiled("compile_static",
+                  "static KV cache + torch.compile(model.forward, fullgraph=True) (reduce-overhead "
+                  "on GPU)",
+                  Needs(packages={"torch": ">=2.1", "transformers": ">=4.38"}, **COMPILE_NEEDS),
+                  mode="auto", fullgraph=True, static_cache=True),
     ]
 }
 

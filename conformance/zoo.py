@@ -111,7 +111,7 @@ def resolve(spec: str, zoo: list[ZooModel]) -> ZooModel:
         except (json.JSONDecodeError, KeyError) as exc:
             raise ZooError(f"--model {spec}: unreadable config.json ({exc})") from None
         return ZooModel(path.resolve().name, kind_of(model_type, f"--model {spec}"), "user",
-                        str(path.resolve()))
+                        str(path.resolve()), trained=True)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ZooError(f"--model {spec}: no such directory")
     cached = _hub_cached_config(spec)
@@ -121,7 +121,8 @@ def resolve(spec: str, zoo: list[ZooModel]) -> ZooModel:
             "the local Hugging Face cache (the suite runs offline): pass a checkpoint directory"
         )
     model_type = json.loads(Path(cached).read_text()).get("model_type", "?")
-    return ZooModel(spec.replace("/", "--"), kind_of(model_type, f"--model {spec}"), "user", spec)
+    return ZooModel(spec.replace("/", "--"), kind_of(model_type, f"--model {spec}"), "user", spec,
+                    trained=True)
 
 
 def _hub_cached_config(repo_id: str) -> str | None:

@@ -76,6 +76,70 @@ def _half_accumulation(sdpa: Any, q: Any, k: Any, v: Any, *args: Any, **kw: Any)
     return out.to(q.dtype)
 
 
+def _ones_mask_not_causal(model: Any) -> Any:
+    """A 2D all-ones mask expanded to 4D without its causal part (decoders then see the future)."""
+    def pre_hook(module: Any, args: Any, kwargs: Any) -> Any:
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and bool(mask.all()):
+            batch, width = mask.shape
+            kwargs["attention_mask"] = torch.zeros(batch, 1, width, width, dtype=model.dtype,
+                                                   device=mask.device)
+        return args, kwargs
+
+    model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    return model
+
+
+def _packing_lost(model: Any) -> Any:
+    """Packed rows lose their boundaries: restarting position_ids are renumbered 0..N-1."""
+    def pre_hook(module: Any, args: Any, kwargs: Any) -> Any:
+        if kwargs.get("attention_mask") is None and kwargs.get("position_ids") is not None:
+            ids = kwargs["position_ids"]
+            kwargs["position_ids"] = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
+        return args, kwargs
+
+    model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    return model
+
+
+def _cache_positions_stale(model: Any) -> Any:
+    """Cached decoding steps get position ids one behind (an off-by-one in the cache offset)."""
+    def pre_hook(module: Any, args: Any, kwargs: Any) -> Any:
+        cache = kwargs.get("past_key_values")
+        seen = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+        if seen and kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = (kwargs["position_ids"] - 1).clamp(min=0)
+        return args, kwargs
+
+    model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    return model
+
+
+def _cached_step_not_causal(sdpa: Any, q: Any, k: Any, v: Any, attn_mask: Any = None, **kw: Any) -> Any:
+    """A cached step with several new tokens drops its mask: the chunk sees its own future."""
+    if 1 < q.shape[-2] < k.shape[-2]:
+        kw.pop("is_causal", None)
+        return sdpa(q, k, v, attn_mask=None, is_causal=False, **kw)
+    return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+
+def _cache_shared_across_rows(sdpa: Any, q: Any, k: Any, v: Any, *args: Any, **kw: Any) -> Any:
+    """Cached steps read row 0's keys and values for every row of the batch."""
+    if q.shape[-2] < k.shape[-2]:
+        k, v = k[:1].expand_as(k), v[:1].expand_as(v)
+    return sdpa(q, k, v, *args, **kw)
+
+
+def _nan_for_empty_rows(sdpa: Any, q: Any, k: Any, v: Any, attn_mask: Any = None, **kw: Any) -> Any:
+    """Queries with every key masked come out NaN (softmax over nothing), as old kernels did."""
+    out = sdpa(q, k, v, attn_mask=attn_mask, **kw)
+    if attn_mask is None or attn_mask.dim() != 4:
+        return out
+    allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask > torch.finfo(attn_mask.dtype).min
+    empty = ~allowed.any(-1, keepdim=True)  # [B, 1|H, q, 1]
+    return out.masked_fill(empty.expand_as(out[..., :1]), float("nan"))
+
+
 def _patched(wrapper: Callable[..., Any]) -> Callable[[], contextlib.AbstractContextManager[Any]]:
     return lambda: _patched_sdpa(wrapper)
 
@@ -187,6 +251,42 @@ FAULTS: list[Fault] = [
           "eager", "roberta", "fp32", "pad_right", "logits", "optimized path did not run",
           "to_bettertransformer() leaves the encoder on the plain path"),
 ]
+
+
+def _again(fault: Fault, caught_by: str, padding: str, message: str, description: str) -> Fault:
+    """The same planted variant, listed again for a second check that must catch it too."""
+    return replace(fault, caught_by=caught_by, padding=padding, message=message,
+                   description=description)
+
+
+_BY_ID = {fault.variant.id: fault for fault in FAULTS}
+PROPERTY_FAULTS: list[Fault] = [
+    _again(_BY_ID["fault_mask_ignored_left"], "padding_invariance", "", "left-padded batch vs each",
+           "attention ignores the padding mask, only for left-padded batches"),
+    _again(_BY_ID["fault_rows_mix"], "batch_invariance", "", "reordered among other neighbours",
+           "rows of a batch leak into each other"),
+    _again(_BY_ID["fault_nondeterministic"], "determinism", "", "two runs of the same input differ",
+           "output carries run-to-run noise"),
+    Fault(_fault("sdpa", "fault_ones_mask_not_causal", post_load=_ones_mask_not_causal),
+          "sdpa", "llama", "fp32", "", "mask_equivalence", "no attention mask vs an all-ones mask",
+          "an all-ones 2D mask is expanded to 4D without its causal part"),
+    Fault(_fault("sdpa", "fault_packing_lost", post_load=_packing_lost),
+          "sdpa", "qwen2", "fp32", "", "packed_equivalence", "packed rows",
+          "packed rows lose their boundaries (restarting position ids renumbered)"),
+    Fault(_fault("sdpa", "fault_cached_step_not_causal", context=_patched(_cached_step_not_causal)),
+          "sdpa", "llama", "fp32", "dynamic", "cache_consistency", "cache decoding in chunks",
+          "a cached step with several new tokens drops the causal mask"),
+    Fault(_fault("sdpa", "fault_cache_shared_rows", context=_patched(_cache_shared_across_rows)),
+          "sdpa", "mistral", "fp32", "static", "cache_consistency", "cache decoding in chunks",
+          "cached steps read row 0's keys and values for every row"),
+    Fault(_fault("sdpa", "fault_empty_row_nan", context=_patched(_nan_for_empty_rows)),
+          "sdpa", "gpt_neox", "fp32", "", "fully_padded_and_tiny", "non-finite output in rows",
+          "a fully padded row comes out NaN where the reference is finite"),
+    Fault(_fault("sdpa", "fault_cache_positions_stale", post_load=_cache_positions_stale),
+          "sdpa", "tiny-llama-trained", "fp32", "", "generation", "exceeds the near-tie threshold",
+          "cached decoding steps get position ids one behind"),
+]
+FAULTS += PROPERTY_FAULTS
 
 
 def register() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given
@@ -122,3 +124,18 @@ def test_zoo_errors_are_one_line() -> None:
         resolve("./nope", default_zoo())
     with pytest.raises(ZooError, match="architecture 'whisper'"):
         kind_of("whisper", "--model x")
+
+
+def test_expectation_patterns_match_fragments_and_globs(tmp_path: Path) -> None:
+    from conformance.expectations import matches, parse
+
+    file = tmp_path / "x.txt"
+    file.write_text("# reason one\ntest_logits[falcon-bnb_\n"
+                    "test_cache_consistency[*-bnb_nf4-fp32*  # inline\n")
+    plain, glob = parse(str(file))
+    assert plain.reason == "reason one" and glob.reason == "inline"
+    assert matches(plain, "suite/test_logits.py::test_logits[falcon-bnb_int8-fp32-nopad]")
+    assert not matches(plain, "suite/test_logits.py::test_logits[llama-bnb_int8-fp32-nopad]")
+    assert matches(glob, "x.py::test_cache_consistency[llama-bnb_nf4-fp32-nopad-static]")
+    assert not matches(glob, "x.py::test_cache_consistency[llama-bnb_nf4-bf16-nopad-static]")
+    assert not matches(glob, "x.py::test_logits[llama-bnb_nf4-fp32-nopad]")

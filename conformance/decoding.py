@@ -1,0 +1,139 @@
+"""Decoder runs beyond one forward: cached incremental decoding, packed inputs, greedy generate.
+
+Each returns float64 CPU tensors laid out like a plain forward over the same padded batch, so
+the properties compare them position by position on real tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any
+
+from conformance.running import Loaded
+
+CACHE_KINDS = ("dynamic", "static")
+
+
+def static_cache_reason(loaded: Loaded) -> str | None:
+    """Why this model cannot take a static cache here, or None."""
+    model = loaded.model
+    supported = getattr(model, "_supports_static_cache", None)  # transformers < 4.50 spelling
+    if supported is None:
+        supported = getattr(model, "_can_compile_fullgraph", False)
+    if not supported:
+        return f"{type(model).__name__} does not support a static KV cache on this transformers"
+    return None
+
+
+def _static_cache(loaded: Loaded, batch: int, max_len: int) -> Any:
+    from transformers import StaticCache
+
+    params = inspect.signature(StaticCache.__init__).parameters
+    if "batch_size" in params:  # transformers 4.x: sized and placed up front
+        first = next(loaded.model.parameters())
+        return StaticCache(config=loaded.model.config, batch_size=batch, max_cache_len=max_len,
+                           device=first.device, dtype=first.dtype)
+    return StaticCache(config=loaded.model.config, max_cache_len=max_len)
+
+
+def incremental(loaded: Loaded, input_ids: Any, mask: Any, chunks: list[int], cache_kind: str) -> Any:
+    """Logits of decoding `input_ids` chunk by chunk through the KV cache, as [B, W, V] float64.
+
+    The first chunk is the prefill; later chunks may hold several tokens (a cached step with
+    more than one query is where a dropped causal mask shows) or one (ordinary decoding).
+    """
+    import torch
+
+    assert sum(chunks) == input_ids.shape[1], (chunks, input_ids.shape)
+    device = loaded.device
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = _static_cache(loaded, input_ids.shape[0], input_ids.shape[1]) \
+        if cache_kind == "static" else None
+    outs, start = [], 0
+    with torch.inference_mode(), loaded.variant.context():
+        for size in chunks:
+            end = start + size
+            inputs: dict[str, Any] = {
+                "input_ids": input_ids[:, start:end], "attention_mask": mask[:, :end],
+                "past_key_values": cache, "use_cache": True,
+            }
+            if loaded.accepts_position_ids:
+                inputs["position_ids"] = positions[:, start:end]
+            if cache_kind == "static":
+                inputs["cache_position"] = torch.arange(start, end, device=device)
+            out = loaded.model(**inputs)
+            cache = out.past_key_values
+            outs.append(out.logits.detach().to("cpu", torch.float64))
+            start = end
+    return torch.cat(outs, dim=1)
+
+
+def full_with_cache_off(loaded: Loaded, input_ids: Any, mask: Any) -> Any:
+    """The same tokens in one forward, no cache: what every cached decoding must reproduce."""
+    import torch
+
+    from conformance.running import _tensors
+
+    inputs = _tensors(loaded, input_ids, mask)
+    with torch.inference_mode(), loaded.variant.context():
+        out = loaded.model(**inputs, use_cache=False)
+    return out.logits.detach().to("cpu", torch.float64)
+
+
+def packed_reason(loaded: Loaded) -> str | None:
+    """Why padding-free (packed) inputs are not supported for this model here, or None.
+
+    transformers detects packed sequences from position_ids that restart (masking_utils,
+    transformers >= 4.53), in models that hand their position_ids to the mask builder; whether a
+    model does is measured on its eager path (see test_packed_equivalence).
+    """
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        return ("packed (padding-free) inputs need transformers >= 4.53 (masking_utils): "
+                "run on the current stack")
+    if not hasattr(masking_utils, "find_packed_sequence_indices"):
+        return "this transformers does not detect packed sequences from position_ids"
+    if not loaded.accepts_position_ids:
+        return f"{type(loaded.model).__name__} takes no position_ids: no packed form"
+    return None
+
+
+def packed(loaded: Loaded, rows: list[Any]) -> Any:
+    """Rows concatenated into one sequence, positions restarting per row, no mask, no cache;
+    returns [N, V] float64, the rows' real tokens in order."""
+    import torch
+
+    ids = torch.cat(rows)[None].to(loaded.device)
+    positions = torch.cat([torch.arange(len(r)) for r in rows])[None].to(loaded.device)
+    with torch.inference_mode(), loaded.variant.context():
+        out = loaded.model(input_ids=ids, position_ids=positions, use_cache=False)
+    return out.logits.detach().to("cpu", torch.float64)[0]
+
+
+def greedy(loaded: Loaded, input_ids: Any, mask: Any, new_tokens: int) -> tuple[Any, Any]:
+    """Greedy `generate`: (generated tokens [B, T], per-step logits [B, T, V] float64)."""
+    import torch
+
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": new_tokens, "do_sample": False, "num_beams": 1,
+        "output_logits": True, "return_dict_in_generate": True,
+        "pad_token_id": loaded.pad_id,
+    }
+    with torch.inference_mode(), loaded.variant.context(), _quiet():
+        out = loaded.model.generate(input_ids.to(loaded.device), attention_mask=mask.to(loaded.device),
+                                    **kwargs)
+    tokens = out.sequences[:, input_ids.shape[1]:].cpu()
+    logits = torch.stack([step.detach().to("cpu", torch.float64) for step in out.logits], dim=1)
+    return tokens, logits
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

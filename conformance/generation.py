@@ -1,0 +1,85 @@
+"""Greedy generation equivalence with the near-tie rule.
+
+Two correct paths may pick different greedy tokens only where the reference's choice was a near
+tie: at the first divergent step, the reference's logit margin between its pick and the
+variant's pick must be below twice the error the variant is allowed at that step (a flip needs
+the two logits to move towards each other by the margin). Anything else is a wrong answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from conformance import tolerances
+from conformance.compare import eps
+from conformance.running import Loaded, _run, _tensors
+
+
+@dataclass(frozen=True)
+class Divergence:
+    row: int
+    step: int
+    reference_token: int
+    variant_token: int
+    margin: float
+    threshold: float
+
+    @property
+    def near_tie(self) -> bool:
+        return self.margin <= self.threshold
+
+
+def prompts(location: str, count_hint: int = 16) -> list[list[int]] | None:
+    """Token ids of the shipped prompts under the model's own tokenizer; None if it has none."""
+    from conformance.zoo import fixtures_dir
+
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except Exception:
+        return None
+    lines = (Path(fixtures_dir()) / "text" / "prompts.txt").read_text().splitlines()
+    out = [tokenizer(line, add_special_tokens=False)["input_ids"] for line in lines if line.strip()]
+    return [ids for ids in out if ids][:count_hint]
+
+
+def allowed_error(loaded: Loaded, reference: Loaded, golden: Loaded, prefix: Any) -> float:
+    """The per-logit error `loaded` is allowed on the next-token logits after `prefix`.
+
+    Kernel variants: K x the reference's measured error + floor (tolerances.KERNEL). Quantized
+    variants: the scheme's relative-L2 bound times the RMS of the golden logits.
+    """
+    import torch
+
+    ones = torch.ones_like(prefix)[None]
+    gold = _run(golden, _tensors(golden, prefix[None], ones))[0, -1]
+    if loaded.variant.tolerance != "kernel":
+        bound = tolerances.quant(loaded.variant.tolerance, loaded.dtype).max_rel_l2
+        return bound * float(gold.pow(2).mean().sqrt())
+    plain = _run(reference, _tensors(reference, prefix[None], ones))[0, -1]
+    tol = tolerances.kernel(loaded.dtype)
+    return tol.k * float((plain - gold).abs().max()) + tol.floor_ulps * eps(loaded.dtype) * float(
+        gold.abs().max())
+
+
+def first_divergences(
+    prompt_rows: list[Any], ref_tokens: Any, ref_logits: Any, var_tokens: Any, eos: int | None,
+    threshold: Any,
+) -> tuple[list[Divergence], int]:
+    """The first divergent step of each row (compared up to the reference's end of sequence),
+    and how many tokens were compared. `threshold(row, step)` gives the near-tie threshold."""
+    found, compared = [], 0
+    for row in range(ref_tokens.shape[0]):
+        for step in range(ref_tokens.shape[1]):
+            want, got = int(ref_tokens[row, step]), int(var_tokens[row, step])
+            compared += 1
+            if want != got:
+                margin = float(ref_logits[row, step, want] - ref_logits[row, step, got])
+                found.append(Divergence(row, step, want, got, margin, threshold(row, step)))
+                break
+            if eos is not None and want == eos:
+                break
+    return found, compared

@@ -1,0 +1,59 @@
+"""Generation equivalence (C03, C06, C08-C11 by variant): greedy `generate` of a variant on
+left-padded batches of the shipped prompts gives the reference's tokens, except at genuine near
+ties (conformance/generation.py). Runs on trained decoders only: random weights make greedy
+decoding a coin toss, where every divergence is a near tie and the check could never fail."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, note
+from hypothesis import strategies as st
+
+from conformance import decoding, generation
+from conformance.cases import Case
+from conformance.checks import load_or_fail, unrefused
+from conformance.running import ModelCache
+from conformance.strategies import pad_rows
+
+NEW_TOKENS = 12
+
+
+@pytest.mark.cases(kinds=frozenset({"decoder"}), model_filter=lambda model: model.trained)
+def test_generation(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
+    import torch
+
+    variant, reference, golden = load_or_fail(model_cache, case)
+    corpus = generation.prompts(case.model.location)
+    if not corpus:
+        pytest.skip(f"{case.model.name} has no tokenizer to encode the shipped prompts with")
+    eos = getattr(reference.model.config, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, list) else eos
+    metrics.update(tokens_compared=0, divergences=[], batches=0)
+
+    @given(picks=st.lists(st.tuples(st.integers(0, len(corpus) - 1), st.integers(1, 24)),
+                          min_size=1, max_size=4))
+    def check(picks: list[tuple[int, int]]) -> None:
+        rows = [torch.tensor(corpus[i][:n]) for i, n in picks]
+        ids, mask = pad_rows(rows, "left", reference.pad_id)
+        note(f"prompts (index, truncated to): {picks}; left-padded to {ids.shape[1]}")
+        ref_tokens, ref_logits = decoding.greedy(reference, ids, mask, NEW_TOKENS)
+        var_tokens, _ = unrefused(variant, lambda: decoding.greedy(variant, ids, mask, NEW_TOKENS))
+
+        def threshold(row: int, step: int) -> float:
+            prefix = torch.cat([rows[row], ref_tokens[row, :step]])
+            return 2 * generation.allowed_error(variant, reference, golden, prefix)
+
+        found, compared = generation.first_divergences(rows, ref_tokens, ref_logits, var_tokens, eos,
+                                                       threshold)
+        metrics["tokens_compared"] += compared
+        metrics["batches"] += 1
+        metrics["divergences"] += [vars(d) | {"near_tie": d.near_tie} for d in found]
+        for d in found:
+            assert d.near_tie, (
+                f"{case.id}: row {d.row} diverged at step {d.step}: reference picked token "
+                f"{d.reference_token}, variant {d.variant_token}; reference margin {d.margin:.3g} "
+                f"exceeds the near-tie threshold {d.threshold:.3g} (2 x the variant's allowed error)")
+
+    check()

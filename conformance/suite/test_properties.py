@@ -1,0 +1,310 @@
+"""Properties that catch the bugs one batch of logits misses (C03, C06, C08-C11 by variant).
+
+Each property compares two runs of the *same* variant that must agree: a sequence alone and
+padded, a row among different neighbours, a mask of ones and none, packed and padded, cached and
+full decoding, pad tokens and junk under the mask, one run and the next. The difference is judged
+in units of the plain same-dtype reference's own rounding error on the same sequences
+(tolerances.INVARIANCE); generation is judged with the near-tie rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from hypothesis import given, note, settings
+from hypothesis import strategies as st
+
+from conformance import compare, decoding
+from conformance.cases import Case
+from conformance.checks import (
+    attempt,
+    keep_worst,
+    load_or_fail,
+    max_len,
+    reference_noise,
+    reproduction,
+    unrefused,
+)
+from conformance.running import Loaded, ModelCache, _run, _tensors, forward, forward_per_row
+from conformance.strategies import BatchSpec, batch_specs, pad_rows
+from conformance.variants import REFERENCE, REGISTRY
+
+DECODERS = frozenset({"decoder"})
+
+
+def _judge(metrics: dict[str, Any], batch: BatchSpec, case: Case, problem: str | None,
+           figures: dict[str, Any]) -> None:
+    __tracebackhide__ = True
+    keep_worst(metrics, figures, batch)
+    assert problem is None, f"{case.id}: {problem}"
+
+
+CACHE_MAX_LEN = 24  # token-by-token decoding costs one forward per token
+PROPERTY_MAX_LEN = 65  # covers the 32- and 64-wide kernel tiles' boundaries (31-33, 63-65)
+
+
+def fewer_examples() -> settings:
+    """Two thirds of the profile's examples (ci: 4, dev: 6, nightly: 40): eight properties per
+    case cost more than one logits check, and each already runs several forwards per example."""
+    return settings(max_examples=max(3, (2 * settings.default.max_examples + 2) // 3))
+
+
+def _setup(cache: ModelCache, case: Case) -> tuple[Loaded, int, float, float]:
+    """(variant, longest sequence drawn, reference rounding error, max|golden|) for a property."""
+    variant, reference, golden = load_or_fail(cache, case)
+    longest = max_len(reference, cap=PROPERTY_MAX_LEN)
+    noise, scale = reference_noise(cache, reference, golden, longest)
+    return variant, longest, noise, scale
+
+
+def _verdict(case: Case, got: Any, want: Any, noise: float, scale: float,
+             what: str) -> tuple[str | None, dict[str, Any]]:
+    """Rounding-noise units for paths that must be invariant; the scheme's own bound for a path
+    the registry declares batch-dependent by design (LLM.int8's batch-wide outlier columns)."""
+    if case.variant.batch_dependent:
+        problem, figures = compare.spread_verdict(got, want, case.variant.tolerance, case.dtype, what)
+        figures["batch_dependent"] = case.variant.batch_dependent
+        return problem, figures
+    return compare.invariance_verdict(got, want, noise, scale, case.dtype, what)
+
+
+def _alone(variant: Loaded, batch: BatchSpec) -> Any:
+    """The variant on each row alone, unpadded: [N, V] over the rows' real tokens."""
+    canonical = replace(batch, padding="right")
+    return unrefused(variant, lambda: forward_per_row(variant, canonical))[canonical.mask().bool()]
+
+
+@pytest.mark.cases()
+def test_padding_invariance(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
+    """A sequence's outputs on its real tokens are the same alone, right- and left-padded."""
+    variant, longest, noise, scale = _setup(model_cache, case)
+
+    @fewer_examples()
+    @given(batch=batch_specs(padding="right", max_len=longest))
+    def check(batch: BatchSpec) -> None:
+        note(reproduction(case, batch, variant.device))
+        alone = _alone(variant, batch)
+        for side in _sides(case):
+            spec = replace(batch, padding=side)
+            out, refused = attempt(variant, lambda spec=spec: forward(variant, spec))
+            if refused:  # e.g. BetterTransformer's nested tensors take right padding only
+                metrics.setdefault("refused", {})[side] = refused
+                continue
+            problem, figures = _verdict(
+                case, compare.on_real(out, spec.mask()), alone, noise, scale,
+                f"{side}-padded batch vs each sequence alone")
+            _judge(metrics, spec, case, problem, figures)
+
+    check()
+    if len(metrics.get("refused", {})) == len(_sides(case)):
+        pytest.skip(f"every padding side refused: {metrics['refused']}")
+
+
+def _sides(case: Case) -> tuple[str, ...]:
+    """Decoders get position ids that skip left padding (as generate does), so both sides must
+    agree; encoders' absolute positions move with left padding by design (their tokenizers pad
+    on the right), so for them only right padding is an invariance."""
+    return ("right", "left") if case.model.kind == "decoder" else ("right",)
+
+
+@pytest.mark.cases()
+def test_batch_invariance(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
+    """A row's outputs do not depend on the other rows: their order, lengths and number."""
+    variant, longest, noise, scale = _setup(model_cache, case)
+
+    @fewer_examples()
+    @given(batch=batch_specs(max_len=longest), data=st.data())
+    def check(batch: BatchSpec, data: st.DataObject) -> None:
+        note(reproduction(case, batch, variant.device))
+        rows = batch.rows(variant.vocab_size)
+        side = batch.padding
+        extra_len = batch.width if side == "none" else data.draw(st.integers(1, batch.width),
+                                                                  label="neighbour length")
+        extra = BatchSpec((extra_len,), "none", batch.seed + 1).rows(variant.vocab_size)[0]
+        others = [*reversed(rows), extra]  # reversed order, one more neighbour, same width
+        first = unrefused(variant, lambda: _padded_forward(variant, rows, side, batch.width))
+        second = unrefused(variant, lambda: _padded_forward(variant, others, side, batch.width))
+        mask_first = pad_rows(rows, side, variant.pad_id, batch.width)[1]
+        mask_second = pad_rows(others, side, variant.pad_id, batch.width)[1]
+        got = compare.on_real(second[: len(rows)].flip(0), mask_first)
+        assert bool((mask_second[: len(rows)].flip(0) == mask_first).all())
+        problem, figures = _verdict(
+            case, got, compare.on_real(first, mask_first), noise, scale,
+            "the same rows reordered among other neighbours")
+        _judge(metrics, batch, case, problem, figures)
+
+    check()
+
+
+def _padded_forward(loaded: Loaded, rows: list[Any], side: str, width: int, fill: Any = None) -> Any:
+    input_ids, mask = pad_rows(rows, side, loaded.pad_id, width, fill)
+    return _run(loaded, _tensors(loaded, input_ids, mask))
+
+
+@pytest.mark.cases()
+def test_mask_equivalence(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
+    """An all-ones attention mask gives the outputs of no mask at all."""
+    variant, longest, noise, scale = _setup(model_cache, case)
+
+    @fewer_examples()
+    @given(batch=batch_specs(padding="none", max_len=longest))
+    def check(batch: BatchSpec) -> None:
+        note(reproduction(case, batch, variant.device))
+        ids, mask = batch.materialize(variant.vocab_size, variant.pad_id)
+        with_mask = unrefused(variant, lambda: _run(variant, _tensors(variant, ids, mask)))
+        without = unrefused(variant, lambda: _run(variant, {"input_ids": ids.to(variant.device)}))
+        problem, figures = _verdict(
+            case, compare.on_real(without, mask), compare.on_real(with_mask, mask), noise, scale,
+            "no attention mask vs an all-ones mask")
+        _judge(metrics, batch, case, problem, figures)
+
+    check()
+
+
+@pytest.mark.cases(kinds=DECODERS)
+def test_packed_equivalence(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
+    """Padding-free (packed) rows with restarting position_ids give each row's own outputs."""
+    variant, longest, noise, scale = _setup(model_cache, case)
+    reason = decoding.packed_reason(variant) or _packing_unsupported(model_cache, case, noise, scale)
+    if reason:
+        pytest.skip(reason)
+
+    @fewer_examples()
+    @given(batch=batch_specs(padding="right", max_len=longest))
+    def check(batch: BatchSpec) -> None:
+        note(reproduction(case, batch, variant.device))
+        rows = batch.rows(variant.vocab_size)
+        packed = unrefused(variant, lambda: decoding.packed(variant, rows))
+        problem, figures = _verdict(
+            case, packed, _alone(variant, batch), noise, scale,
+            "packed rows (position_ids restarting) vs each row alone")
+        _judge(metrics, batch, case, problem, figures)
+
+    check()
+
+
+def _packing_unsupported(cache: ModelCache, case: Case, noise: float, scale: float) -> str | None:
+    """Whether the model honours packed rows at all, measured on its plain eager path: models that
+    do not hand position_ids to their mask builder (opt, falcon in transformers 5.x) mix them."""
+    reference = cache.get(case.model, REGISTRY[REFERENCE], case.dtype)
+    probe = BatchSpec((7, 5), "right", seed=3)
+    got = decoding.packed(reference, probe.rows(reference.vocab_size))
+    want = _alone(reference, probe)
+    problem, figures = compare.invariance_verdict(got, want, noise, scale, case.dtype, "probe")
+    if problem is None:
+        return None
+    return (f"{type(reference.model).__name__} does not honour packed sequences in this "
+            f"transformers: its eager path mixes packed rows (max|difference| "
+            f"{figures['max_abs_diff']:.3g} > {figures['bound']:.3g})")
+
+
+@pytest.mark.parametrize("cache_kind", decoding.CACHE_KINDS)
+@pytest.mark.cases(kinds=DECODERS)
+def test_cache_consistency(case: Case, cache_kind: str, model_cache: ModelCache,
+                           metrics: dict[str, Any]) -> None:
+    """Decoding through the KV cache, in a multi-token chunk then token by token, gives the logits
+    of one full forward over the same tokens."""
+    variant, longest, noise, scale = _setup(model_cache, case)
+    if cache_kind == "static" and (reason := decoding.static_cache_reason(variant)):
+        pytest.skip(reason)
+    metrics["cache"] = cache_kind
+
+    @fewer_examples()
+    @given(batch=st.sampled_from(("none", "left")).flatmap(
+        lambda side: batch_specs(padding=side, max_len=min(CACHE_MAX_LEN, longest))), data=st.data())
+    def check(batch: BatchSpec, data: st.DataObject) -> None:
+        note(reproduction(case, batch, variant.device))
+        width = batch.width
+        prefill = data.draw(st.integers(1, width), label="prefill length")
+        rest = width - prefill
+        chunk = data.draw(st.integers(2, min(rest, 8)), label="cached chunk") if rest >= 2 else rest
+        chunks = [prefill] + ([chunk] if chunk else []) + [1] * (rest - chunk)
+        note(f"chunks: {chunks}")
+        ids, mask = batch.materialize(variant.vocab_size, variant.pad_id)
+        full = unrefused(variant, lambda: decoding.full_with_cache_off(variant, ids, mask))
+        cached = unrefused(variant, lambda: decoding.incremental(variant, ids, mask, chunks, cache_kind))
+        problem, figures = _verdict(
+            case, compare.on_real(cached, mask), compare.on_real(full, mask), noise, scale,
+            f"{cache_kind}-cache decoding in chunks {chunks} vs one full forward")
+        _judge(metrics, batch, case, problem, figures)
+
+    check()
+
+
+@pytest.mark.cases()
+def test_fully_padded_and_tiny(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
+    """Batch 1 x length 1 runs; a row with every position masked stays finite where the reference
+    is, and neither it nor whatever sits under the mask reaches real tokens."""
+    variant, longest, noise, scale = _setup(model_cache, case)
+    reference = model_cache.get(case.model, REGISTRY[REFERENCE], case.dtype)
+    tiny = BatchSpec((1,), "none")
+    problem, figures = _verdict(
+        case,
+        compare.on_real(unrefused(variant, lambda: forward(variant, tiny)), tiny.mask()),
+        _alone(variant, tiny), noise, scale, "batch 1 x length 1")
+    metrics["tiny"] = figures
+    assert problem is None, f"{case.id}: {problem}"
+
+    @fewer_examples()
+    @given(batch=batch_specs(padding="right", max_len=longest), data=st.data())
+    def check(batch: BatchSpec, data: st.DataObject) -> None:
+        import torch
+
+        side = data.draw(st.sampled_from(_sides(case)), label="padding")
+        at = data.draw(st.integers(0, len(batch.lengths)), label="row of the fully padded one")
+        note(reproduction(case, batch, variant.device) + f"\n# empty row inserted at {at}, {side}")
+        rows = batch.rows(variant.vocab_size)
+        with_empty = [*rows[:at], rows[0][:0], *rows[at:]]
+        ids, mask = pad_rows(with_empty, side, variant.pad_id, batch.width)
+        junk = torch.randint(4, variant.vocab_size, ids.shape, generator=torch.Generator().manual_seed(7))
+        out = unrefused(variant, lambda: _padded_forward(variant, with_empty, side, batch.width))
+        plain = _padded_forward(reference, with_empty, side, batch.width)
+        bad = torch.isfinite(plain) & ~torch.isfinite(out)
+        assert not bad.any(), (
+            f"{case.id}: non-finite output in rows {sorted({int(r) for r in bad.nonzero()[:, 0]})} "
+            f"(fully padded row {at}) where the reference is finite")
+        problem, figures = _verdict(
+            case, compare.on_real(out, mask), _alone(variant, batch), noise, scale,
+            f"batch with a fully padded row ({side}) vs each sequence alone")
+        _judge(metrics, batch, case, problem, figures)
+        filled = unrefused(variant, lambda: _padded_forward(variant, with_empty, side, batch.width, junk))
+        problem, figures = _verdict(
+            case, compare.on_real(filled, mask), compare.on_real(out, mask), noise, scale,
+            "random tokens vs pad tokens under the mask")
+        _judge(metrics, batch, case, problem, figures)
+
+    check()
+
+
+@pytest.mark.cases()
+def test_determinism(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
+    """The same input twice in one process gives bitwise-equal outputs, unless the registry
+    declares the variant non-deterministic (then the spread is bounded like any invariance)."""
+    import torch
+
+    variant, longest, noise, scale = _setup(model_cache, case)
+
+    @fewer_examples()
+    @given(batch=batch_specs(max_len=longest))
+    def check(batch: BatchSpec) -> None:
+        note(reproduction(case, batch, variant.device))
+        first = unrefused(variant, lambda: forward(variant, batch))
+        second = forward(variant, batch)
+        real = batch.mask().bool()
+        spread = float((first - second)[real].abs().nan_to_num(float("inf")).max())
+        metrics["max_run_to_run_diff"] = max(spread, metrics.get("max_run_to_run_diff", 0.0))
+        if case.variant.deterministic:
+            same = torch.equal(first.isnan(), second.isnan()) and torch.equal(
+                first.nan_to_num(), second.nan_to_num())
+            assert same, (f"{case.id}: two runs of the same input differ "
+                          f"(max|run1 - run2| = {spread:.3g} on real tokens); the registry "
+                          "declares this variant deterministic")
+            return
+        problem, figures = _verdict(
+            case, second[real], first[real], noise, scale,
+            "run-to-run spread")
+        _judge(metrics, batch, case, problem, figures)
+
+    check()

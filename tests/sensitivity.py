@@ -1,0 +1,94 @@
+"""Sensitivity of the logits check, measured: the smallest relative perturbation of one layer's
+output that the kernel tolerance of each dtype catches.
+
+    python tests/sensitivity.py [--models llama gpt2 bert tiny-llama-trained] [--dtypes fp32 bf16]
+
+For each model and dtype, the sdpa variant gets its first layer's output perturbed by
+eps * mean|x| * z, z a fixed standard-normal pattern (an additive error of relative size eps
+that the following norms cannot scale away), swept over eps, and is judged exactly as
+test_logits judges it, on fixed batches (no padding, right and left padding). A perturbation
+counts as caught when any batch fails. Prints a table; the README quotes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+EPSILONS = (3e-1, 1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7, 1e-7)
+BATCHES = (((24,), "none"), ((40, 9, 33), "right"), ((40, 9, 33), "left"), ((65, 64), "right"))
+
+
+def perturb(x: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """x + eps * mean|x| * z with z ~ N(0, 1) fixed per position (seeded, batch-independent)."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(x.shape[-2] * x.shape[-1], generator=gen).view(x.shape[-2:]).to(x.dtype)
+    return x + epsilon * x.abs().mean() * z
+
+
+def caught(model: str, dtype: str, epsilon: float, workdir: Path) -> tuple[bool, float]:
+    """(caught?, worst err_over_bound) for one perturbation size."""
+    from faults import _hook_first_layer
+
+    from conformance import compare, running, zoo
+    from conformance.strategies import BatchSpec
+    from conformance.variants import GOLDEN, REGISTRY
+
+    zoo_model = zoo.resolve(model, zoo.default_zoo())
+    cache = running.ModelCache(workdir, "cpu")
+    perturbed = replace(REGISTRY["sdpa"], id=f"perturbed_{epsilon:g}",
+                        post_load=_hook_first_layer(lambda x: perturb(x, epsilon)))
+    variant = running.load(zoo_model, perturbed, dtype, "cpu", workdir)
+    reference = cache.get(zoo_model, REGISTRY["eager"], dtype)
+    golden = cache.golden(zoo_model, GOLDEN, dtype)
+    worst = 0.0
+    for lengths, padding in BATCHES:
+        batch = BatchSpec(lengths, padding, seed=1)
+        expected = cache.outputs(golden, batch, per_row=zoo_model.kind == "decoder")
+        problem, figures = compare.kernel_verdict(
+            running.forward(variant, batch), cache.outputs(reference, batch), expected,
+            batch.mask().bool(), dtype)
+        worst = max(worst, figures["err_over_bound"])
+        if problem:
+            return True, worst
+    return False, worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["llama", "gpt2", "bert", "tiny-llama-trained"])
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="smallest relative perturbation of one layer caught by test_logits")
+    for column in ("model", "dtype", "smallest caught", "largest missed", "err/bound at smallest"):
+        table.add_column(column)
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models:
+            for dtype in args.dtypes:
+                smallest, missed, ratio = None, None, None
+                for epsilon in EPSILONS:
+                    hit, worst = caught(model, dtype, epsilon, Path(tmp))
+                    if not hit:
+                        missed = epsilon
+                        break
+                    smallest, ratio = epsilon, worst
+                table.add_row(model, dtype, f"{smallest:g}" if smallest else "none",
+                              f"{missed:g}" if missed else "-", f"{ratio:.2f}" if ratio else "-")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The round-trip checks catch their planted faults (healthy twins pass the same run), and a
+damaged user checkpoint fails in one line naming the damage while the next tests still run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from faults_roundtrip import FAULTS, RoundtripFault
+
+from conftest import DETECTIONS
+
+
+def _report(pytester: pytest.Pytester, run_suite: Any, *args: str) -> list[dict[str, Any]]:
+    out = pytester.path / "report"
+    run_suite("-p", "faults_roundtrip", "--pyargs", "conformance", "-q",
+              "--conformance-report", str(out), *args)
+    return json.loads((out / "report.json").read_text())["results"]
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[f.variant.id for f in FAULTS])
+def test_roundtrip_fault_is_caught(pytester: pytest.Pytester, run_suite: Any,
+                                   fault: RoundtripFault) -> None:
+    results = _report(pytester, run_suite, "--model", fault.model, "--dtype", fault.dtype,
+                      "--variant", fault.variant.id, "--variant", fault.control,
+                      "-k", f"test_{fault.caught_by}")
+    by_variant = {r["variant"]: r for r in results if r["check"] == fault.caught_by}
+    control, planted = by_variant.get(fault.control), by_variant.get(fault.variant.id)
+    assert control is not None and planted is not None, f"run selected nothing: {results}"
+    if control["outcome"] in ("skipped", "not_applicable"):
+        pytest.skip(f"control {fault.control} cannot run here: {control['reason']}")
+    assert control["outcome"] == "passed", (
+        f"healthy twin {fault.control} must pass the same selection: {control['reason']}")
+    assert planted["outcome"] == "failed", (
+        f"{fault.description}: expected check {fault.caught_by} to fail, got {planted['outcome']}")
+    assert fault.message in planted["reason"], planted["reason"]
+    DETECTIONS.append((fault.variant.id, planted["check"], "caught",
+                       planted["reason"].split(": ", 1)[-1][:110]))
+
+
+def _damaged_checkpoints(root: Path) -> dict[str, Path]:
+    """The zoo llama saved sharded, once per damage the suite knows, each damaged."""
+    from conformance import roundtrip, zoo
+
+    llama = next(m for m in zoo.default_zoo() if m.name == "llama")
+    model = zoo.auto_class(llama.kind).from_pretrained(zoo.materialize(llama, root / "zoo"))
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    out = {}
+    for damage, (plant, _) in roundtrip.DAMAGES.items():
+        path = root / f"llama-{damage}"
+        model.save_pretrained(str(path), max_shard_size=total // 4)
+        plant(path)
+        out[damage] = path
+    return out
+
+
+def test_damaged_user_checkpoint_fails_in_one_line(pytester: pytest.Pytester, run_suite: Any) -> None:
+    from conformance import roundtrip
+
+    damaged = _damaged_checkpoints(pytester.path)
+    models = [arg for path in damaged.values() for arg in ("--model", str(path))]
+    results = _report(pytester, run_suite, *models, "--model", "gpt2", "--variant", "eager",
+                      "--dtype", "fp32", "-k", "test_save_load")
+    by_model = {r["model"]: r for r in results}
+    for damage, path in damaged.items():
+        record = by_model[path.name]
+        names = roundtrip.DAMAGES[damage][1]
+        assert record["outcome"] == "failed", f"{damage}: {record}"
+        assert names in record["reason"] and "\n" not in record["reason"].strip(), record["reason"]
+        assert "Traceback" not in record["reason"]
+        DETECTIONS.append((f"damaged:{damage}", record["check"], "one-line failure",
+                           record["reason"].split("damaged checkpoint: ", 1)[-1][:110]))
+    healthy = by_model["gpt2"]
+    assert healthy["outcome"] == "passed", f"the next model's test must still run: {healthy}"
