@@ -294,7 +294,8 @@ def footprint_bytes(model: Any) -> int:
 
     ``get_memory_footprint()`` counts parameters and buffers only, which misses the absmax
     scales of 4-bit weights (kept in ``weight.quant_state``) and int8's per-row ``SCB``.
-    Each storage is counted once.
+    Each storage is counted once. Measured as loaded: bitsandbytes' CPU backend repacks 4-bit
+    state on the first forward (absmax to bfloat16), so the checks measure before running.
     """
     import torch
 
@@ -317,6 +318,11 @@ def footprint_bytes(model: Any) -> int:
         while state is not None:
             for name in ("absmax", "code", "offset"):
                 add(getattr(state, name, None))
-            state = getattr(state, "state2", None)
-        add(getattr(tensor, "SCB", None))
+            state = getattr(state, "state2", None) if getattr(state, "nested", False) else None
+        for name in ("CB", "SCB"):
+            add(getattr(tensor, name, None))
+    for module in model.modules():  # LLM.int8 moves CB / SCB into the module's state on use
+        state = getattr(module, "state", None)
+        for name in ("CB", "SCB"):
+            add(getattr(state, name, None))
     return total

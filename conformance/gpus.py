@@ -8,6 +8,9 @@ its own GPU: the controller sends the list of visible GPUs, and each worker sets
 Checks marked ``multi_gpu(n)`` need n GPUs at once. They cannot run in a worker pinned to one
 GPU: there they skip, saying to run them in the serial phase (``-m multi_gpu -p no:xdist``).
 
+With ``-n``, tests are grouped by model: each model's tests run on one worker, which loads
+the model once.
+
 Loaded as a plugin by ``conformance.plugin`` (``pytest_plugins``). The xdist hooks are optional
 hooks, so the module also works without xdist (or with ``-p no:xdist``).
 """
@@ -113,6 +116,39 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
         return None  # the user's explicit choice, honoured by xdist's own hook
     count = len(_visible(config))
     return count or None
+
+
+def model_scope(nodeid: str, models: list[str]) -> str | None:
+    """The model a test id is about ("test_logits[tiny-llama-trained-sdpa-fp32]" ->
+    "tiny-llama-trained"), or None for a test that is about no model."""
+    param = nodeid.partition("[")[2]
+    for name in sorted(models, key=len, reverse=True):
+        if param.startswith((name + "-", name + "]")):
+            return name
+    return None
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """--dist load (what -n implies): every test of one model goes to the same worker.
+
+    Each worker then loads each model (and computes its golden outputs) once, as a serial run
+    does; plain load scheduling interleaves models, and each switch empties the model cache.
+    Any other --dist mode is xdist's own.
+    """
+    if config.getoption("dist", None) != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    from conformance.plugin import selection
+
+    models = [model.name for model in selection(config).models]
+
+    class ModelScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return model_scope(nodeid, models) or super()._split_scope(nodeid)
+
+    return ModelScheduling(config, log)
 
 
 @pytest.hookimpl(optionalhook=True)

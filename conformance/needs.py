@@ -33,19 +33,11 @@ class Needs:
 
     def unmet(self, env: Environment, dtype: str | None = None) -> str | None:
         """None when the variant can run here, else a reason naming what is missing."""
-        missing = []
-        wanted = dict(self.packages)
-        for dist, spec in self.packages_on.get(env.kind, {}).items():
-            wanted[dist] = ",".join(filter(None, (wanted.get(dist), spec)))
-        for dist, spec in wanted.items():
-            found = installed_version(dist)
-            if found is None:
-                missing.append(f"{dist}{spec} (not installed)")
-            elif spec and not SpecifierSet(spec, prereleases=True).contains(found):
-                missing.append(f"{dist}{spec} (installed: {found})")
+        missing = _missing(self.packages, "")
+        if not missing:  # device-specific needs, said as such (bitsandbytes on CPU needs ...)
+            missing = _missing(self.packages_on.get(env.kind, {}), f" on {env.kind}")
         if missing:
-            on = f" on {env.kind}" if env.kind in self.packages_on else ""
-            return self._reason("needs " + " and ".join(missing) + on)
+            return self._reason("needs " + " and ".join(missing))
         if env.kind not in self.devices:
             wanted = " or ".join(sorted(self.devices))
             return self._reason(f"needs a {wanted} device (this run: {env.kind})", GPU_RUNNER)
@@ -65,6 +57,17 @@ class Needs:
     def _reason(self, what: str, default_where: str = "") -> str:
         where = self.where or default_where
         return f"{what}: run on {where}" if where else what
+
+
+def _missing(packages: Mapping[str, str], where: str) -> list[str]:
+    out = []
+    for dist, spec in packages.items():
+        found = installed_version(dist)
+        if found is None:
+            out.append(f"{dist}{spec}{where} (not installed)")
+        elif spec and not SpecifierSet(spec, prereleases=True).contains(found):
+            out.append(f"{dist}{spec}{where} (installed: {found})")
+    return out
 
 
 def _legacy_sdp_kernel_missing() -> str | None:

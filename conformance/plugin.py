@@ -12,14 +12,16 @@ from typing import Any
 
 import pytest
 
+from conformance import profiles as _profiles
 from conformance.compat import DTYPE_NAMES
 from conformance.report import Record, Report, not_applicable
 
 # xdist: one worker per GPU, each pinned to its own; multi_gpu checks (conformance/gpus.py)
 pytest_plugins = ["conformance.gpus"]
 
-CLAIM_RE = re.compile(r"^(C\d\d|REF)$")
-CLAIM_IDS = [f"C{n:02d}" for n in range(1, 17)] + ["REF"]
+CLAIM_RE = re.compile(r"^(C\d\d|REF|EXT)$")
+# EXT: an optimized path the documentation set covers beyond SPEC's claims (torch.compile)
+CLAIM_IDS = [f"C{n:02d}" for n in range(1, 17)] + ["REF", "EXT"]
 SELECTION = pytest.StashKey["Any"]()
 PROFILE = pytest.StashKey[str]()
 USER_MODELS = pytest.StashKey["tuple[Any, ...]"]()
@@ -28,6 +30,11 @@ UNMATCHED = pytest.StashKey["list[Any]"]()
 BUDGETS = pytest.StashKey["list[Any]"]()  # conformance.budgets.Budget, from --budgets or shipped
 BASELINE = pytest.StashKey["dict[str, Any]"]()  # --baseline: the previous report.json
 GATING = pytest.StashKey["dict[str, Any]"]()  # the comparison with the baseline, once computed
+
+
+# Profiles exist before Hypothesis' own plugin applies `--hypothesis-profile` (its configure hook
+# runs before ours), so `--hypothesis-profile nightly` works with `--pyargs conformance`.
+_profiles.register()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

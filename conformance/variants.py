@@ -218,7 +218,7 @@ def _compiled(vid: str, summary: str, needs: Needs, max_graph_breaks: int = 0,
 
     return Variant(
         vid,
-        (),  # torch.compile is in the documentation set but none of SPEC's claims C01..C16
+        ("EXT",),  # torch.compile is in the documentation set but none of SPEC's claims C01..C16
         summary,
         needs=needs,
         post_load=compiled.compile_forward(**compile_args),

@@ -1,0 +1,99 @@
+"""How far quantization moves a real model's answers (C10, C11), on text the suite ships.
+
+Decoders: next-token distributions of the quantized model against the golden run of the same
+model (float64 on CPU) over several windows of ``fixtures/text/corpus.txt``: mean KL divergence
+KL(golden || quantized), top-1 agreement, and the perplexity ratio. Encoders: cosine similarity
+of mean-pooled embeddings per sentence (worst and mean). Only real weights give meaningful
+figures: random-init models are not judged here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from conformance.running import Loaded
+from conformance.zoo import fixtures_dir
+
+WINDOWS = 4  # decoder windows of the corpus, spread over the file
+WINDOW_TOKENS = 64
+SENTENCES = 16  # encoder sentences: the corpus's first lines long enough to be sentences
+MIN_SENTENCE_CHARS = 40
+
+
+def corpus() -> str:
+    return (fixtures_dir() / "text" / "corpus.txt").read_text()
+
+
+def tokenizer(location: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(location)
+
+
+def decoder_inputs(location: str) -> Any:
+    """[WINDOWS, WINDOW_TOKENS] token ids: equal windows taken at even strides over the corpus."""
+    import torch
+
+    ids = tokenizer(location)(corpus(), add_special_tokens=False)["input_ids"]
+    if len(ids) < WINDOWS * WINDOW_TOKENS:
+        raise ValueError(f"corpus gives {len(ids)} tokens, fewer than {WINDOWS} x {WINDOW_TOKENS}")
+    stride = (len(ids) - WINDOW_TOKENS) // (WINDOWS - 1)
+    return torch.tensor([ids[i * stride:i * stride + WINDOW_TOKENS] for i in range(WINDOWS)])
+
+
+def sentences() -> list[str]:
+    lines = [ln.strip() for ln in corpus().splitlines() if len(ln.strip()) >= MIN_SENTENCE_CHARS]
+    return lines[:SENTENCES]
+
+
+def encoder_inputs(location: str) -> dict[str, Any]:
+    return dict(tokenizer(location)(sentences(), padding=True, return_tensors="pt"))
+
+
+def run(loaded: Loaded, inputs: dict[str, Any]) -> Any:
+    """Logits / last hidden state as float64 on CPU, in the variant's context."""
+    import torch
+
+    placed = {k: v.to(loaded.device) for k, v in inputs.items()}
+    with torch.inference_mode(), loaded.variant.context():
+        out = loaded.model(**placed)
+    tensor = out.logits if loaded.zoo.kind == "decoder" else out.last_hidden_state
+    return tensor.detach().to("cpu", torch.float64)
+
+
+def decoder_figures(quant_logits: Any, golden_logits: Any, ids: Any) -> dict[str, float]:
+    """Mean KL(golden || quantized) per position, top-1 agreement, perplexity ratio."""
+    import torch
+
+    logp_q = torch.log_softmax(quant_logits, -1)
+    logp_g = torch.log_softmax(golden_logits, -1)
+    kl = (logp_g.exp() * (logp_g - logp_q)).sum(-1)
+    top1 = (quant_logits.argmax(-1) == golden_logits.argmax(-1)).double()
+    targets = ids[:, 1:].unsqueeze(-1)
+    nll_q = -logp_q[:, :-1].gather(-1, targets).mean()
+    nll_g = -logp_g[:, :-1].gather(-1, targets).mean()
+    return {
+        "mean_kl": float(kl.mean()),
+        "max_kl": float(kl.max()),
+        "top1_agreement": float(top1.mean()),
+        "perplexity": float(nll_q.exp()),
+        "golden_perplexity": float(nll_g.exp()),
+        "perplexity_ratio": float((nll_q - nll_g).exp()),
+        "positions": int(kl.numel()),
+    }
+
+
+def mean_pooled(hidden: Any, mask: Any) -> Any:
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(1) / weights.sum(1)
+
+
+def encoder_figures(quant_hidden: Any, golden_hidden: Any, mask: Any) -> dict[str, float]:
+    """Cosine similarity of mean-pooled sentence embeddings, per sentence."""
+    import torch
+
+    cos = torch.nn.functional.cosine_similarity(
+        mean_pooled(quant_hidden, mask), mean_pooled(golden_hidden, mask), dim=-1)
+    return {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
+            "sentences": int(cos.numel())}
+
