@@ -52,7 +52,8 @@ def named_tensors(model: Any) -> Iterator[tuple[str, Any]]:
 
 
 def nbytes(tensor: Any, dtype: Any = None) -> int:
-    """Bytes of a tensor as a planner counts them: floating tensors at `dtype` when one is given."""
+    """Real bytes of a tensor (a bool is one byte); a floating one at `dtype` when one is given
+    (the dtype it will be loaded in)."""
     if dtype is not None and tensor.is_floating_point():
         return tensor.numel() * parse_dtype(dtype).itemsize if isinstance(dtype, str) \
             else tensor.numel() * dtype.itemsize

@@ -9,6 +9,7 @@ figures: random-init models are not judged here.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from conformance.running import Loaded
@@ -30,11 +31,14 @@ def tokenizer(location: str) -> Any:
     return AutoTokenizer.from_pretrained(location)
 
 
+@functools.lru_cache(maxsize=4)
 def decoder_inputs(location: str) -> Any:
-    """[WINDOWS, WINDOW_TOKENS] token ids: equal windows taken at even strides over the corpus."""
+    """[WINDOWS, WINDOW_TOKENS] token ids: equal windows at even strides over the corpus
+    (memoized: callers must not modify the tensor)."""
     import torch
 
-    ids = tokenizer(location)(corpus(), add_special_tokens=False)["input_ids"]
+    lines = tokenizer(location)(corpus().splitlines(), add_special_tokens=False)["input_ids"]
+    ids = [token for line in lines for token in line]
     if len(ids) < WINDOWS * WINDOW_TOKENS:
         raise ValueError(f"corpus gives {len(ids)} tokens, fewer than {WINDOWS} x {WINDOW_TOKENS}")
     stride = (len(ids) - WINDOW_TOKENS) // (WINDOWS - 1)
@@ -46,7 +50,9 @@ def sentences() -> list[str]:
     return lines[:SENTENCES]
 
 
+@functools.lru_cache(maxsize=4)
 def encoder_inputs(location: str) -> dict[str, Any]:
+    """Memoized: callers must not modify the tensors."""
     return dict(tokenizer(location)(sentences(), padding=True, return_tensors="pt"))
 
 

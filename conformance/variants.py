@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from conformance.compat import force_sdpa_backend, legacy_sdp_kernel
@@ -81,12 +81,16 @@ def _both(proof: Proof) -> dict[str, Proof]:
     return {"decoder": proof, "encoder": proof}
 
 
-def _bnb(**config: Any) -> Callable[[Any], dict[str, Any]]:
+def _bnb(compute: str | None = None, attn: str = "eager", **config: Any) -> Callable[[Any], dict[str, Any]]:
+    """BitsAndBytesConfig kwargs; 4-bit computes in the run dtype unless `compute` names one."""
+
     def kwargs(dtype: Any) -> dict[str, Any]:
+        import torch
         from transformers import BitsAndBytesConfig
 
-        extra = {"bnb_4bit_compute_dtype": dtype} if config.get("load_in_4bit") else {}
-        return {"quantization_config": BitsAndBytesConfig(**config, **extra), "attn_implementation": "eager"}
+        want = getattr(torch, compute) if compute else dtype
+        extra = {"bnb_4bit_compute_dtype": want} if config.get("load_in_4bit") else {}
+        return {"quantization_config": BitsAndBytesConfig(**config, **extra), "attn_implementation": attn}
 
     return kwargs
 
@@ -131,6 +135,27 @@ CUDNN_PROOF = Proof(
 )
 FA2_PROOF = Proof(("flash_attn::*",), forbid=EAGER_SOFTMAX + SDPA_OPS, what="flash-attn kernels")
 BNB_PROOF = Proof(("bitsandbytes::*",), minimum="quantized", what="one bitsandbytes op per quantized linear")
+
+
+@dataclass(frozen=True)
+class AllProofs:
+    """Several paths that must all run in one forward (a quantized model with a forced kernel)."""
+
+    parts: tuple[Proof, ...]
+
+    def verdict(self, counter: Any, model: Any) -> tuple[str | None, dict[str, Any]]:
+        figures: dict[str, Any] = {}
+        for part in self.parts:
+            problem, found = part.verdict(counter, model)
+            for key, value in found.items():
+                merged = figures.setdefault(key, {} if isinstance(value, dict) else value)
+                if isinstance(value, dict):
+                    merged.update(value)
+            if problem:
+                return problem, figures
+        return None, figures
+
+
 BT_PROOFS = {
     "encoder": Proof(
         ("aten::_transformer_encoder_layer_fwd",),
@@ -169,6 +194,15 @@ def _quantized(
         input_refusals=() if scheme == "int8" else BNB_4BIT_CPU_SHAPES,
         batch_dependent=LLM_INT8_BATCH_WIDE if scheme == "int8" else "",
     )
+
+
+# llm_int8_skip_modules patterns (transformers' match: prefix/regex at a module boundary, or a
+# suffix) naming the MLP input projections across the zoo's architectures, plus lm_head: an
+# explicit list replaces transformers' default skips, so the head must be named to stay unquantized.
+BNB_SKIP_MODULES = (r".*\.mlp", r".*\.intermediate", r".*\.ffn", "fc1", "lm_head")
+# a compute dtype other than the run dtype only differs from bnb_nf4 in half precision
+BNB_HALF_ONLY = {"cpu": frozenset({"bf16"}), "cuda": HALF}
+C32_NOTE = "in fp32 the float32 compute dtype is the run dtype: that case is bnb_nf4"
 
 
 # LLM.int8 (Dettmers et al. 2022) keeps in 16-bit the hidden dimensions where *any* token of the
@@ -355,6 +389,26 @@ REGISTRY: dict[str, Variant] = {
         _quantized("bnb_nf4_dq", "4-bit NormalFloat with double quantization of the scales",
                    BNB_NEEDS, _bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                    bnb_4bit_use_double_quant=True), "nf4"),
+        # the schemes' knobs (issue 6): each a variant id, not a loop inside a check
+        _quantized("bnb_int8_no_outliers", "LLM.int8 with llm_int8_threshold=0.0: no 16-bit outlier path",
+                   BNB_NEEDS, _bnb(load_in_8bit=True, llm_int8_threshold=0.0), "int8"),
+        _quantized("bnb_int8_skip", "LLM.int8 with llm_int8_skip_modules: MLP input projections and "
+                   "lm_head kept in the run dtype", BNB_NEEDS,
+                   _bnb(load_in_8bit=True, llm_int8_skip_modules=list(BNB_SKIP_MODULES)), "int8"),
+        replace(_quantized("bnb_nf4_c32", "4-bit NormalFloat, bnb_4bit_compute_dtype=float32 while "
+                           "the unquantized weights stay in the run dtype", BNB_NEEDS,
+                           _bnb("float32", load_in_4bit=True, bnb_4bit_quant_type="nf4"), "nf4"),
+                needs=replace(BNB_NEEDS, dtypes=BNB_HALF_ONLY, dtype_note=C32_NOTE)),
+        # combinations the guides promise: a quantized model with a forced SDPA backend
+        replace(_quantized("bnb_nf4+sdpa_flash", "4-bit NormalFloat with SDPA forced to the flash "
+                           "kernel", BNB_NEEDS,
+                           _bnb(attn="sdpa", load_in_4bit=True, bnb_4bit_quant_type="nf4"), "nf4"),
+                context=_forced("flash"), refusals=NO_SUCH_IMPLEMENTATION,
+                proof=_both(AllProofs((BNB_PROOF, FLASH_PROOF)))),
+        replace(_quantized("bnb_int8+sdpa_math", "LLM.int8 with SDPA forced to the math backend",
+                           BNB_NEEDS, _bnb(attn="sdpa", load_in_8bit=True), "int8"),
+                context=_forced("math"), refusals=NO_SUCH_IMPLEMENTATION,
+                proof=_both(AllProofs((BNB_PROOF, MATH_PROOF)))),
         _quantized("load_in_8bit", "the guides' spelling: from_pretrained(load_in_8bit=True)",
                    LEGACY_BNB_KWARG, _legacy_kwarg(load_in_8bit=True), "int8"),
         _quantized("load_in_4bit", "the guides' spelling: from_pretrained(load_in_4bit=True)",

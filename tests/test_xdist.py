@@ -37,6 +37,18 @@ def test_assignment_is_one_gpu_per_worker_then_round_robin() -> None:
         gpus.worker_index("main")
 
 
+def test_tests_are_grouped_by_the_model_they_are_about() -> None:
+    """-n keeps each model's tests on one worker: the scope is the model named in the id."""
+    models = ["llama", "tiny-llama-trained", "bert"]
+    suite = "conformance/suite/test_logits.py::test_logits"
+    assert gpus.model_scope(f"{suite}[tiny-llama-trained-sdpa-fp32-nopad]", models) == \
+        "tiny-llama-trained"
+    assert gpus.model_scope(f"{suite}[llama-sdpa-fp32-nopad]", models) == "llama"
+    assert gpus.model_scope("x.py::test_device_map_plan[bert-eager-bf16-balanced]", models) == "bert"
+    assert gpus.model_scope("tests/test_units.py::test_masks", models) is None
+    assert gpus.model_scope("x.py::test_y[llamas-eager]", models) is None
+
+
 @pytest.mark.parametrize(("fake", "cvd", "expected"), [
     ("3", None, ["0", "1", "2"]),
     ("2", "5,7", ["5", "7"]),
