@@ -33,9 +33,9 @@ class Needs:
 
     def unmet(self, env: Environment, dtype: str | None = None) -> str | None:
         """None when the variant can run here, else a reason naming what is missing."""
-        missing = _missing(self.packages, "")
+        missing = missing_packages(self.packages)
         if not missing:  # device-specific needs, said as such (bitsandbytes on CPU needs ...)
-            missing = _missing(self.packages_on.get(env.kind, {}), f" on {env.kind}")
+            missing = missing_packages(self.packages_on.get(env.kind, {}), f" on {env.kind}")
         if missing:
             return self._reason("needs " + " and ".join(missing))
         if env.kind not in self.devices:
@@ -59,7 +59,7 @@ class Needs:
         return f"{what}: run on {where}" if where else what
 
 
-def _missing(packages: Mapping[str, str], where: str) -> list[str]:
+def missing_packages(packages: Mapping[str, str], where: str = "") -> list[str]:
     out = []
     for dist, spec in packages.items():
         found = installed_version(dist)

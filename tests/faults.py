@@ -288,10 +288,15 @@ PROPERTY_FAULTS: list[Fault] = [
 ]
 FAULTS += PROPERTY_FAULTS
 
+# C02: a FlashAttention-2 request that transformers silently serves with SDPA. Not a Fault row: the
+# refusal check runs every FA2 spelling of the registry inside one eager-parametrized case.
+FA2_SERVED_BY_SDPA = _fault("fa2", "fault_fa2_served_by_sdpa", load_kwargs=REGISTRY["sdpa"].load_kwargs)
+
 
 def register() -> None:
     """Add the faults to the registry (idempotent)."""
     for fault in FAULTS:
         REGISTRY[fault.variant.id] = fault.variant
+    REGISTRY[FA2_SERVED_BY_SDPA.id] = FA2_SERVED_BY_SDPA
 
 register()

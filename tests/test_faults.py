@@ -48,3 +48,18 @@ def test_fault_is_caught(pytester: pytest.Pytester, run_suite: Any, fault: Fault
     assert fault.message in planted["reason"], planted["reason"]
     figure = planted["reason"].split(": ", 1)[-1][:110]
     DETECTIONS.append((fault.variant.id, planted["check"], "caught", figure))
+
+
+def test_fa2_served_silently_by_sdpa_is_caught(pytester: pytest.Pytester, run_suite: Any) -> None:
+    """C02: with the planted FA2 spelling registered, the refusal check fails naming it; the
+    healthy registry passes the same selection (the first run)."""
+    args = ("--pyargs", "conformance", "-q", "--model", "llama", "--dtype", "fp32",
+            "--variant", "eager", "-k", "fa2_refuses")
+    healthy = run_suite(*args)
+    healthy.assert_outcomes(passed=1)
+    planted = run_suite("-p", "faults", *args)
+    planted.assert_outcomes(failed=1)
+    text = planted.stdout.str()
+    assert "fault_fa2_served_by_sdpa: asked for flash_attention_2" in text and "'sdpa'" in text
+    DETECTIONS.append(("fault_fa2_served_by_sdpa", "fa2_refuses_what_it_cannot_run", "caught",
+                       "asked for flash_attention_2 in fp32 on cpu, got a model silently running 'sdpa'"))

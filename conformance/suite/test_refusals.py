@@ -1,0 +1,73 @@
+"""C02: FlashAttention-2 runs only fp16/bf16 weights on supported GPUs; anything else must fail
+clearly (an exception that names flash attention), never load or compute another path silently.
+
+Runs everywhere: on a CPU machine (flash-attn absent or no GPU) and on a GPU in float32, the
+request must be refused; where FA2 can run (a supported GPU in half precision) the case does not
+apply, and the logits checks of `fa2` cover it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from conformance.cases import Case
+from conformance.needs import missing_packages
+from conformance.running import LoadError, ModelCache, forward
+from conformance.strategies import BatchSpec
+from conformance.variants import REGISTRY
+
+FLASH_WORDS = ("flash", "Flash", "FLASH")
+
+
+def _requests(env: Any, dtype: str) -> list[Any]:
+    """The registry's FlashAttention-2 spellings (claim C01) this stack has (flash-attn itself
+    aside), that cannot run here: each must be refused."""
+    out = []
+    for variant in REGISTRY.values():
+        if "C01" not in variant.claims:
+            continue
+        api = {k: v for k, v in variant.needs.packages.items() if k != "flash-attn"}
+        if missing_packages(api) or variant.needs.unmet(env, dtype) is None:
+            continue
+        out.append(variant)
+    return out
+
+
+@pytest.mark.cases(variant_filter=lambda variant: variant.id == "eager", kinds=frozenset({"decoder"}),
+                   claims=("C02",))
+def test_fa2_refuses_what_it_cannot_run(case: Case, model_cache: ModelCache, conformance_selection: Any,
+                                        metrics: dict[str, Any]) -> None:
+    requests = _requests(conformance_selection.env, case.dtype)
+    if not requests:
+        pytest.skip("not applicable: FlashAttention-2 can run this dtype on this device, or this "
+                    "stack has no spelling for it (test_logits[...-fa2-...] covers where it runs)")
+    problems = []
+    for request in requests:
+        problem, figures = _refused_clearly(model_cache, case, request)
+        metrics[request.id] = figures
+        if problem:
+            problems.append(problem)
+    assert not problems, f"{case.id}: " + "; ".join(problems)
+
+
+def _refused_clearly(cache: ModelCache, case: Case, request: Any) -> tuple[str | None, dict[str, Any]]:
+    try:
+        loaded = cache.get(case.model, request, case.dtype)
+    except LoadError as exc:
+        message = str(exc)
+        if not any(word in message for word in FLASH_WORDS):
+            return f"{request.id}: the refusal does not say it is about flash attention: {message}", {}
+        return None, {"refused_at": "load", "message": message}
+    implementation = getattr(loaded.model.config, "_attn_implementation", None)
+    if implementation != "flash_attention_2":
+        return (f"{request.id}: asked for flash_attention_2 in {case.dtype} on {loaded.device}, got a "
+                f"model silently running {implementation!r}"), {"silently": implementation}
+    try:
+        forward(loaded, BatchSpec((8,), "none"))
+    except Exception as exc:  # the kernel's own refusal (e.g. "only supports fp16 and bf16")
+        return None, {"refused_at": "forward",
+                      "message": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+    return (f"{request.id}: flash_attention_2 loaded and computed in {case.dtype} on {loaded.device} "
+            "without any error (C02 promises a clear failure)"), {"refused_at": None}
