@@ -52,6 +52,8 @@ def scheme_of(load_kwargs: dict[str, Any]) -> Scheme | None:
     skip = tuple(skip) if skip is not None else None
     if getattr(config, "load_in_8bit", False):
         return Scheme(8, skip_modules=skip)
+    # transformers 5.x exposes no 4-bit blocksize: bitsandbytes' default (64) applies; a config
+    # that carries one (bnb_4bit_blocksize) is honoured
     return Scheme(4, blocksize=int(getattr(config, "bnb_4bit_blocksize", None) or 64),
                   double_quant=bool(config.bnb_4bit_use_double_quant), skip_modules=skip)
 

@@ -295,6 +295,22 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     _info(item)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: Any) -> Any:
+    """No check may change torch's default dtype for the checks after it. When from_pretrained
+    raises, transformers 4.48 leaves the default dtype set to the load's dtype, and the models
+    built after that in the process (materialized zoo models, ONNX exports) silently change.
+    Which checks that hit depended on test order, so serial and xdist runs differed."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    before = torch.get_default_dtype() if torch is not None else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_default_dtype() != (before or torch.float32):
+        torch.set_default_dtype(before or torch.float32)
+
+
 class ReportCollector:
     """Registered only with --conformance-report: folds every phase report into one record."""
 

@@ -200,9 +200,14 @@ def _quantized(
 # suffix) naming the MLP input projections across the zoo's architectures, plus lm_head: an
 # explicit list replaces transformers' default skips, so the head must be named to stay unquantized.
 BNB_SKIP_MODULES = (r".*\.mlp", r".*\.intermediate", r".*\.ffn", "fc1", "lm_head")
-# a compute dtype other than the run dtype only differs from bnb_nf4 in half precision
-BNB_HALF_ONLY = {"cpu": frozenset({"bf16"}), "cuda": HALF}
-C32_NOTE = "in fp32 the float32 compute dtype is the run dtype: that case is bnb_nf4"
+# the knobs on decoders (LLM.int8's and 4-bit's home; tiny-llama-trained gives real figures),
+# except where a finding is on an encoder (measured: 10-30 s per knob variant per CPU run)
+DECODERS = frozenset({"decoder"})
+# knob variants run in half precision only: there a float32 compute dtype differs from the run
+# dtype, and every check's cases stay few (a quantized variant costs ~10-50 s per run per dtype)
+KNOB_NEEDS = replace(BNB_NEEDS, dtypes={"cpu": frozenset({"bf16"}), "cuda": HALF},
+                     dtype_note="a knob variant runs in half precision only (in fp32 a float32 "
+                                "compute dtype is the run dtype; one dtype keeps the run fast)")
 
 
 # LLM.int8 (Dettmers et al. 2022) keeps in 16-bit the hidden dimensions where *any* token of the
@@ -389,26 +394,29 @@ REGISTRY: dict[str, Variant] = {
         _quantized("bnb_nf4_dq", "4-bit NormalFloat with double quantization of the scales",
                    BNB_NEEDS, _bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                    bnb_4bit_use_double_quant=True), "nf4"),
-        # the schemes' knobs (issue 6): each a variant id, not a loop inside a check
-        _quantized("bnb_int8_no_outliers", "LLM.int8 with llm_int8_threshold=0.0: no 16-bit outlier path",
-                   BNB_NEEDS, _bnb(load_in_8bit=True, llm_int8_threshold=0.0), "int8"),
-        _quantized("bnb_int8_skip", "LLM.int8 with llm_int8_skip_modules: MLP input projections and "
-                   "lm_head kept in the run dtype", BNB_NEEDS,
-                   _bnb(load_in_8bit=True, llm_int8_skip_modules=list(BNB_SKIP_MODULES)), "int8"),
+        # the schemes' knobs (issue 6): each a variant id, not a loop inside a check; one dtype
+        # per device (KNOB_NEEDS) keeps the default run fast: the knob is what they add
+        replace(_quantized("bnb_int8_no_outliers", "LLM.int8 with llm_int8_threshold=0.0: no 16-bit "
+                           "outlier path", BNB_NEEDS, _bnb(load_in_8bit=True, llm_int8_threshold=0.0),
+                           "int8"), needs=KNOB_NEEDS,
+                # encoders only: MiniLM is where switching the outlier path off measurably costs
+                # quality, and int8 cases are the suite's slowest (decoder figures measured once,
+                # README "Quantization")
+                kinds=frozenset({"encoder"})),
+        replace(_quantized("bnb_int8_skip", "LLM.int8 with llm_int8_skip_modules: MLP input "
+                           "projections and lm_head kept in the run dtype", BNB_NEEDS,
+                           _bnb(load_in_8bit=True, llm_int8_skip_modules=list(BNB_SKIP_MODULES)),
+                           "int8"), needs=KNOB_NEEDS, kinds=DECODERS),
         replace(_quantized("bnb_nf4_c32", "4-bit NormalFloat, bnb_4bit_compute_dtype=float32 while "
                            "the unquantized weights stay in the run dtype", BNB_NEEDS,
                            _bnb("float32", load_in_4bit=True, bnb_4bit_quant_type="nf4"), "nf4"),
-                needs=replace(BNB_NEEDS, dtypes=BNB_HALF_ONLY, dtype_note=C32_NOTE)),
-        # combinations the guides promise: a quantized model with a forced SDPA backend
+                needs=KNOB_NEEDS, kinds=DECODERS),
+        # the guides' combination: a 4-bit model with SDPA forced to the flash kernel
         replace(_quantized("bnb_nf4+sdpa_flash", "4-bit NormalFloat with SDPA forced to the flash "
                            "kernel", BNB_NEEDS,
                            _bnb(attn="sdpa", load_in_4bit=True, bnb_4bit_quant_type="nf4"), "nf4"),
-                context=_forced("flash"), refusals=NO_SUCH_IMPLEMENTATION,
+                needs=KNOB_NEEDS, kinds=DECODERS, context=_forced("flash"), refusals=NO_SUCH_IMPLEMENTATION,
                 proof=_both(AllProofs((BNB_PROOF, FLASH_PROOF)))),
-        replace(_quantized("bnb_int8+sdpa_math", "LLM.int8 with SDPA forced to the math backend",
-                           BNB_NEEDS, _bnb(attn="sdpa", load_in_8bit=True), "int8"),
-                context=_forced("math"), refusals=NO_SUCH_IMPLEMENTATION,
-                proof=_both(AllProofs((BNB_PROOF, MATH_PROOF)))),
         _quantized("load_in_8bit", "the guides' spelling: from_pretrained(load_in_8bit=True)",
                    LEGACY_BNB_KWARG, _legacy_kwarg(load_in_8bit=True), "int8"),
         _quantized("load_in_4bit", "the guides' spelling: from_pretrained(load_in_4bit=True)",

@@ -26,19 +26,42 @@ def run_suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Any
     return run
 
 
-DETECTIONS: list[tuple[str, str, str, str]] = []  # fault, check, verdict, figure
+class _Detections(list):
+    """Rows of the detection table. Appending also records the row on the running test, so the
+    table is complete under xdist too (user_properties travel with the workers' reports)."""
+
+    item: pytest.Item | None = None
+
+    def append(self, row: tuple[str, str, str, str]) -> None:  # type: ignore[override]
+        if self.item is not None:
+            self.item.user_properties.append(("detection", tuple(row)))
+        super().append(row)
+
+
+DETECTIONS = _Detections()  # fault, check, verdict, figure
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    DETECTIONS.item = item
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if not DETECTIONS:
+    rows = []
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "when", None) == "call":
+                rows += [value for key, value in getattr(report, "user_properties", ())
+                         if key == "detection"]
+    if not rows:
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="planted faults: which check caught each")
+    table = Table(title=f"planted faults: which check caught each ({len(rows)} detections)")
     for column in ("fault", "caught by", "verdict", "figure / message"):
         table.add_column(column)
-    for row in DETECTIONS:
+    for row in sorted(rows):
         table.add_row(*row)
     console = Console(file=terminalreporter._tw, width=200, force_terminal=False)
     console.print(table)
