@@ -47,14 +47,16 @@ def _stack(session: nox.Session, stack: str) -> None:
     env = {"HF_HUB_OFFLINE": "1", "CONFORMANCE_STACK": stack}
     jobs = session.posargs or ["tests", "suite"]
     if "tests" in jobs:
-        session.run("pytest", "tests", "-q", "-p", "no:randomly", env=env)
+        # -n auto: one xdist worker per core (per GPU on a GPU runner); most self-tests run the
+        # suite in a subprocess, so they parallelize well
+        session.run("pytest", "tests", "-q", "-p", "no:randomly", "-n", "auto", env=env)
     if "suite" in jobs:
-        session.run("pytest", "--pyargs", "conformance", "-q", *EXPECTATIONS.get(stack, []),
-                    "--conformance-report", f"reports/{stack}", env=env)
+        session.run("pytest", "--pyargs", "conformance", "-q", "-n", "auto",
+                    *EXPECTATIONS.get(stack, []), "--conformance-report", f"reports/{stack}", env=env)
     if "false-alarms" in jobs:  # nightly, not CI: unmodified variants, random seeds, 20 runs
         runs = int(os.environ.get("CONFORMANCE_RUNS", "20"))
         for run in range(runs):
-            session.run("pytest", "--pyargs", "conformance", "-q", "-p", "no:randomly",
+            session.run("pytest", "--pyargs", "conformance", "-q", "-p", "no:randomly", "-n", "auto",
                         "--hypothesis-profile", "nightly", "--hypothesis-seed", str(run * 7919 + 1),
                         *EXPECTATIONS.get(stack, []), *FALSE_ALARM_SELECTION,
                         "--conformance-report", f"reports/false-alarms/{stack}/{run}", env=env,

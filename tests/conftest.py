@@ -19,6 +19,9 @@ def run_suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Any
     pytester's sys.modules snapshot breaks transformers' lazy imports between runs)."""
     monkeypatch.setenv("PYTHONPATH", TESTS_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # when the self-tests themselves run under xdist, the suite in the subprocess is no worker
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)
 
     def run(*args: str) -> pytest.RunResult:
         return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args, timeout=600)

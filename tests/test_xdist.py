@@ -110,6 +110,9 @@ def xdist_run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setenv("RECORD_DIR", str(record_dir))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("PYTEST_XDIST_AUTO_NUM_WORKERS", raising=False)
+    # these self-tests may themselves run in an xdist worker: the subprocess is not one
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)
 
     def run(fake: str, *args: str) -> tuple[pytest.RunResult, dict[str, Any]]:
         monkeypatch.setenv(gpus.FAKE_GPU_COUNT, fake)
