@@ -37,7 +37,9 @@ def _patched_sdpa(wrapper: Callable[..., Any]) -> Iterator[None]:
     original = torch.nn.functional.scaled_dot_product_attention
 
     def patched(*args: Any, **kwargs: Any) -> Any:
-        return wrapper(original, *args, **kwargs)
+        # transformers 4.x calls SDPA with query=/key=/value= keywords, 5.x positionally
+        named = tuple(kwargs.pop(name) for name in ("query", "key", "value") if name in kwargs)
+        return wrapper(original, *args, *named, **kwargs)
 
     torch.nn.functional.scaled_dot_product_attention = patched
     try:
