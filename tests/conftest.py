@@ -29,6 +29,31 @@ def run_suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Any
     return run
 
 
+RANK = {"passed": 0, "xfailed": 0, "skipped": 1, "not_applicable": 1, "xpassed": 2, "failed": 3,
+        "error": 3}
+
+
+def run_fault(pytester: pytest.Pytester, run_suite: Any, plugin: str, fault: Any) -> dict[str, dict]:
+    """Run the suite with the fault catalogue `plugin` on a fault and its healthy twin; per variant,
+    the record with the worst outcome (a check can have several records, e.g. paddings)."""
+    import json
+
+    out = pytester.path / "report"
+    run_suite(
+        "-p", plugin, "--pyargs", "conformance", "-q",
+        "--model", fault.model, "--dtype", fault.dtype,
+        "--variant", fault.variant.id, "--variant", fault.control,
+        "-k", f"{fault.caught_by} and {fault.padding}" if fault.padding else fault.caught_by,
+        "--conformance-report", str(out),
+    )
+    by_variant: dict[str, dict] = {}
+    for record in json.loads((out / "report.json").read_text())["results"]:
+        kept = by_variant.get(record["variant"])
+        if kept is None or RANK[record["outcome"]] > RANK[kept["outcome"]]:
+            by_variant[record["variant"]] = record
+    return by_variant
+
+
 class _Detections(list):
     """Rows of the detection table. Appending also records the row on the running test, so the
     table is complete under xdist too (user_properties travel with the workers' reports)."""

@@ -2,40 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
 from faults import FAULTS, Fault
 
-from conftest import DETECTIONS
-
-
-def _run(pytester: pytest.Pytester, run_suite: Any, fault: Fault) -> dict[str, dict]:
-    out = pytester.path / "report"
-    run_suite(
-        "-p", "faults", "--pyargs", "conformance", "-q",
-        "--model", fault.model, "--dtype", fault.dtype,
-        "--variant", fault.variant.id, "--variant", fault.control,
-        "-k", f"{fault.caught_by} and {fault.padding}" if fault.padding else fault.caught_by,
-        "--conformance-report", str(out),
-    )
-    results = json.loads((out / "report.json").read_text())["results"]
-    by_variant: dict[str, dict] = {}
-    for record in results:  # several records per variant (e.g. paddings): the worst outcome decides
-        kept = by_variant.get(record["variant"])
-        if kept is None or RANK[record["outcome"]] > RANK[kept["outcome"]]:
-            by_variant[record["variant"]] = record
-    return by_variant
-
-
-RANK = {"passed": 0, "xfailed": 0, "skipped": 1, "not_applicable": 1, "xpassed": 2, "failed": 3,
-        "error": 3}
+from conftest import DETECTIONS, run_fault
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=[f"{f.variant.id}-{f.caught_by}" for f in FAULTS])
 def test_fault_is_caught(pytester: pytest.Pytester, run_suite: Any, fault: Fault) -> None:
-    by_variant = _run(pytester, run_suite, fault)
+    by_variant = run_fault(pytester, run_suite, "faults", fault)
     control, planted = by_variant.get(fault.control), by_variant.get(fault.variant.id)
     assert control is not None and planted is not None, f"run selected nothing: {by_variant}"
     if control["outcome"] in ("skipped", "not_applicable"):

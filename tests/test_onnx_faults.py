@@ -7,18 +7,15 @@ torch.compile is opt-in, CONFORMANCE_COMPILE=1) is skipped before a subprocess i
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
 from faults import Fault
 from faults_onnx import COMPILE_FAULTS, ONNX_FAULTS
 
-from conftest import DETECTIONS
+from conftest import DETECTIONS, run_fault
 
 FAULTS = ONNX_FAULTS + COMPILE_FAULTS
-RANK = {"passed": 0, "xfailed": 0, "skipped": 1, "not_applicable": 1, "xpassed": 2, "failed": 3,
-        "error": 3}
 
 
 def _unmet(fault: Fault) -> str | None:
@@ -29,29 +26,12 @@ def _unmet(fault: Fault) -> str | None:
     return REGISTRY[fault.control].needs.unmet(probe("cpu"), fault.dtype)
 
 
-def _run(pytester: pytest.Pytester, run_suite: Any, fault: Fault) -> dict[str, dict]:
-    out = pytester.path / "report"
-    run_suite(
-        "-p", "faults_onnx", "--pyargs", "conformance", "-q",
-        "--model", fault.model, "--dtype", fault.dtype,
-        "--variant", fault.variant.id, "--variant", fault.control,
-        "-k", f"{fault.caught_by} and {fault.padding}" if fault.padding else fault.caught_by,
-        "--conformance-report", str(out),
-    )
-    by_variant: dict[str, dict] = {}
-    for record in json.loads((out / "report.json").read_text())["results"]:
-        kept = by_variant.get(record["variant"])
-        if kept is None or RANK[record["outcome"]] > RANK[kept["outcome"]]:
-            by_variant[record["variant"]] = record
-    return by_variant
-
-
 @pytest.mark.parametrize("fault", FAULTS, ids=[f"{f.variant.id}-{f.model}-{f.caught_by}" for f in FAULTS])
 def test_onnx_fault_is_caught(pytester: pytest.Pytester, run_suite: Any, fault: Fault) -> None:
     reason = _unmet(fault)
     if reason:
         pytest.skip(f"control {fault.control} cannot run here: {reason}")
-    by_variant = _run(pytester, run_suite, fault)
+    by_variant = run_fault(pytester, run_suite, "faults_onnx", fault)
     control, planted = by_variant.get(fault.control), by_variant.get(fault.variant.id)
     assert control is not None and planted is not None, f"run selected nothing: {by_variant}"
     assert control["outcome"] == "passed", (
