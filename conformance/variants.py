@@ -415,7 +415,8 @@ REGISTRY: dict[str, Variant] = {
         replace(_quantized("bnb_nf4+sdpa_flash", "4-bit NormalFloat with SDPA forced to the flash "
                            "kernel", BNB_NEEDS,
                            _bnb(attn="sdpa", load_in_4bit=True, bnb_4bit_quant_type="nf4"), "nf4"),
-                needs=KNOB_NEEDS, kinds=DECODERS, context=_forced("flash"), refusals=NO_SUCH_IMPLEMENTATION,
+                claims=("C11", "C13"), needs=KNOB_NEEDS, kinds=DECODERS, context=_forced("flash"),
+                refusals=NO_SUCH_IMPLEMENTATION,
                 proof=_both(AllProofs((BNB_PROOF, FLASH_PROOF)))),
         _quantized("load_in_8bit", "the guides' spelling: from_pretrained(load_in_8bit=True)",
                    LEGACY_BNB_KWARG, _legacy_kwarg(load_in_8bit=True), "int8"),
