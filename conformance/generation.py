@@ -65,6 +65,20 @@ def allowed_error(loaded: Loaded, reference: Loaded, golden: Loaded, prefix: Any
         gold.abs().max())
 
 
+def near_tie_threshold(loaded: Loaded, reference: Loaded, golden: Loaded, prefix: Any) -> float:
+    """How far apart the reference's two candidate tokens may be for a flip to be a near tie.
+
+    2 x the allowed per-logit error (both logits may move by it). A quantized scheme's allowed
+    error comes from its relative-L2 bound, which random-init models make loose; where the
+    scheme's flip margin was measured on real weights (tolerances.QUALITY), that caps it.
+    """
+    allowed = 2 * allowed_error(loaded, reference, golden, prefix)
+    if loaded.variant.tolerance == "kernel":
+        return allowed
+    measured = tolerances.quality(loaded.variant.tolerance, loaded.variant.id).max_flip_margin
+    return allowed if measured is None else min(allowed, measured)
+
+
 def first_divergences(
     prompt_rows: list[Any], ref_tokens: Any, ref_logits: Any, var_tokens: Any, eos: int | None,
     threshold: Any,

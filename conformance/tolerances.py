@@ -116,38 +116,46 @@ class QualityTolerance:
     max_perplexity_ratio: float | None = None  # decoders: ppl(quantized) / ppl(golden)
     min_cosine: float | None = None  # encoders: worst sentence's mean-pooled cosine
     min_mean_cosine: float | None = None  # encoders: mean over sentences
+    # generation: the reference's logit margin at a token where greedy decoding diverges
+    max_flip_margin: float | None = None
 
 
 # Measured with conformance/quality.py, current stack, CPU (bitsandbytes 0.50.2), fp32 and bf16
-# pooled (the worse of the two), over every variant of the scheme (e.g. int8: bnb_int8,
-# bnb_int8_skip, bnb_int8+sdpa_math): tiny-llama-trained on 4 windows x 64 tokens of the corpus
-# (each line tokenized alone, windows at even strides), MiniLM on the corpus's first 16 lines of
-# >= 40 characters. Worst figures seen:
-#   int8: mean KL 0.00195, top-1 0.969, ppl ratio 1.0064; MiniLM cosine min 0.99886, mean 0.99925
-#   int8 with llm_int8_threshold=0 (no outlier path; its own row, measurably worse): mean KL
-#     0.00216, top-1 0.961, ppl ratio 1.0068; MiniLM cosine min 0.99646, mean 0.99741
-#   nf4 (also double quant, float32 compute, + SDPA flash): MiniLM cosine min 0.96395, mean 0.97295
-#   fp4: MiniLM cosine min 0.92041, mean 0.94347
+# pooled (the worse of the two), over every variant of the scheme (e.g. nf4: bnb_nf4, bnb_nf4_dq,
+# bnb_nf4_c32, bnb_nf4+sdpa_flash): tiny-llama-trained (intermediate_size 384, retrained so that
+# the CPU 4-bit kernel takes its MLP) on 4 windows x 64 tokens of the corpus (each line tokenized
+# alone, windows at even strides), MiniLM on the corpus's first 16 lines of >= 40 characters.
+# Worst figures seen:
+#   int8: mean KL 0.00194, top-1 0.949, ppl ratio 1.0082; MiniLM cosine min 0.99886, mean 0.99925
+#   int8 with llm_int8_threshold=0 (no outlier path; its own row, measurably worse on MiniLM):
+#     MiniLM cosine min 0.99646, mean 0.99741 (encoders only in the default run)
+#   nf4: mean KL 0.0585, top-1 0.875, ppl ratio 1.0761; MiniLM cosine min 0.96395, mean 0.97295
+#   fp4: mean KL 0.1036, top-1 0.809, ppl ratio 1.1179; MiniLM cosine min 0.92041, mean 0.94347
+# Generation (test_generation, greedy on left-padded prompts): at a first divergence, the
+# reference's logit margin between its pick and the quantized model's pick; worst seen over the
+# ci profile and two nightly-profile seeds (1,100-2,700 compared tokens per variant and dtype):
+#   int8 0.375 (46 divergences in 2,570 tokens), nf4 2.56 (224 in 1,669), fp4 2.91 (291 in 1,463).
+# Without these, a flip is a near tie up to 2 x the scheme's relative-L2 bound x RMS(logits):
+# about 2-3 logits for int8 and 10-17 for 4-bit on the trained decoder.
 # Bound = 2 x the measured distance from a perfect answer (KL; 1 - agreement; 1 - cosine;
-# ppl ratio - 1), rounded outward. 4-bit on the trained decoder is unmeasured: the CPU 4-bit
-# kernel refuses its 344-wide MLP (N must be divisible by block_n), so there is no decoder
-# bound for nf4/fp4 until a GPU run measures one (the check records its figures and skips).
+# ppl ratio - 1; flip margin), rounded outward.
 QUALITY_MEASURED = {
-    "int8": {"mean_kl": 0.00195, "top1": 0.969, "perplexity_ratio": 1.0064,
-             "min_cosine": 0.99886, "mean_cosine": 0.99925},
-    "bnb_int8_no_outliers": {"mean_kl": 0.00216, "top1": 0.961, "perplexity_ratio": 1.0068,
-                             "min_cosine": 0.99646, "mean_cosine": 0.99741},
-    "nf4": {"min_cosine": 0.96395, "mean_cosine": 0.97295},
-    "fp4": {"min_cosine": 0.92041, "mean_cosine": 0.94347},
+    "int8": {"mean_kl": 0.00194, "top1": 0.949, "perplexity_ratio": 1.0082,
+             "min_cosine": 0.99886, "mean_cosine": 0.99925, "flip_margin": 0.375},
+    "bnb_int8_no_outliers": {"min_cosine": 0.99646, "mean_cosine": 0.99741},
+    "nf4": {"mean_kl": 0.0585, "top1": 0.875, "perplexity_ratio": 1.0761,
+            "min_cosine": 0.96395, "mean_cosine": 0.97295, "flip_margin": 2.562},
+    "fp4": {"mean_kl": 0.1036, "top1": 0.809, "perplexity_ratio": 1.1179,
+            "min_cosine": 0.92041, "mean_cosine": 0.94347, "flip_margin": 2.906},
 }
 QUALITY: dict[str, QualityTolerance] = {  # by scheme, or by variant id where a knob differs
-    "int8": QualityTolerance(max_mean_kl=0.005, min_top1=0.93, max_perplexity_ratio=1.015,
-                             min_cosine=0.997, min_mean_cosine=0.998),
-    "bnb_int8_no_outliers": QualityTolerance(max_mean_kl=0.005, min_top1=0.92,
-                                             max_perplexity_ratio=1.015, min_cosine=0.992,
-                                             min_mean_cosine=0.994),
-    "nf4": QualityTolerance(min_cosine=0.92, min_mean_cosine=0.94),
-    "fp4": QualityTolerance(min_cosine=0.84, min_mean_cosine=0.88),
+    "int8": QualityTolerance(max_mean_kl=0.004, min_top1=0.89, max_perplexity_ratio=1.017,
+                             min_cosine=0.997, min_mean_cosine=0.998, max_flip_margin=0.8),
+    "bnb_int8_no_outliers": QualityTolerance(min_cosine=0.992, min_mean_cosine=0.994),
+    "nf4": QualityTolerance(max_mean_kl=0.12, min_top1=0.75, max_perplexity_ratio=1.16,
+                            min_cosine=0.92, min_mean_cosine=0.94, max_flip_margin=5.2),
+    "fp4": QualityTolerance(max_mean_kl=0.21, min_top1=0.61, max_perplexity_ratio=1.24,
+                            min_cosine=0.84, min_mean_cosine=0.88, max_flip_margin=6.0),
 }
 
 

@@ -64,8 +64,9 @@ class Variant:
 NO_SUCH_IMPLEMENTATION = ("does not support an attention implementation through",)
 
 
-# bitsandbytes' CPU 4-bit kernel takes only out_features divisible by its block (e.g. the trained
-# decoder's 344-wide MLP): the kernel's refusal of that shape, quoted in the skip.
+# bitsandbytes' CPU 4-bit kernel (AVX512-BF16 packed format) takes only layers whose out_features
+# divide by its 32-row block (measured: an intermediate_size of 344 is refused; the shipped trained
+# decoder uses 384 for this reason): the kernel's refusal of that shape, quoted in the skip.
 BNB_4BIT_CPU_SHAPES = ("N must be divisible by block_n",)
 
 
@@ -276,6 +277,28 @@ FA2_NEEDS = dict(
 )
 
 
+FA2_BNB_PACKAGES = {"bitsandbytes": ">=0.39", "flash-attn": ">=2.1", "transformers": ">=4.36"}
+
+
+def _quantized_fa2(vid: str, summary: str, load_kwargs: Callable[[Any], dict[str, Any]],
+                   scheme: str) -> Variant:
+    """FA2 over a bitsandbytes model (C04; C13 for 4-bit): both paths must run in one forward."""
+    return replace(
+        _quantized(vid, summary, Needs(packages=FA2_BNB_PACKAGES, **FA2_NEEDS), load_kwargs, scheme),
+        claims=("C04", "C10") if scheme == "int8" else ("C04", "C11", "C13"),
+        kinds=DECODERS,
+        refusals=NO_SUCH_IMPLEMENTATION,
+        proof={"decoder": AllProofs((BNB_PROOF, FA2_PROOF))},
+    )
+
+
+# optimum's refusals of a model BetterTransformer does not cover
+BT_REFUSALS = (
+    "not yet supported to be used with BetterTransformer",
+    "supports natively BetterTransformer optimizations",
+)
+
+
 REGISTRY: dict[str, Variant] = {
     v.id: v
     for v in [
@@ -378,10 +401,7 @@ REGISTRY: dict[str, Variant] = {
             post_load=_to_bettertransformer,
             reverse=_reverse_bettertransformer,
             proof=BT_PROOFS,
-            refusals=(
-                "not yet supported to be used with BetterTransformer",
-                "supports natively BetterTransformer optimizations",
-            ),
+            refusals=BT_REFUSALS,
             # the nested-tensor encoder fast path takes right padding only
             input_refusals=("Mask must be left-aligned without gaps",),
         ),
@@ -418,6 +438,29 @@ REGISTRY: dict[str, Variant] = {
                 claims=("C11", "C13"), needs=KNOB_NEEDS, kinds=DECODERS, context=_forced("flash"),
                 refusals=NO_SUCH_IMPLEMENTATION,
                 proof=_both(AllProofs((BNB_PROOF, FLASH_PROOF)))),
+        # C04/C13 on GPU: FA2 over a quantized model (the proof needs both paths in one forward)
+        _quantized_fa2("bnb_int8+fa2", "LLM.int8 with attn_implementation=\"flash_attention_2\"",
+                       _bnb(attn="flash_attention_2", load_in_8bit=True), "int8"),
+        _quantized_fa2("bnb_nf4+fa2", "4-bit NormalFloat with attn_implementation=\"flash_attention_2\"",
+                       _bnb(attn="flash_attention_2", load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+                       "nf4"),
+        # the guides' own spelling of C04 (transformers < 4.53)
+        replace(_quantized_fa2("load_in_8bit+fa2_kwarg", "the guides' spelling: from_pretrained("
+                               "load_in_8bit=True, use_flash_attention_2=True)",
+                               lambda dtype: {"load_in_8bit": True, "use_flash_attention_2": True},
+                               "int8"),
+                needs=Needs(packages={**FA2_BNB_PACKAGES, "transformers": "<4.53"}, **FA2_NEEDS)),
+        # the guides' "advanced usage" (C13 as written): 4-bit (fp4, BitsAndBytesConfig's default)
+        # + BetterTransformer + SDPA forced to flash; transformers 4.48 quantizes on GPU only
+        replace(_quantized("bnb_fp4+bettertransformer", "4-bit float + to_bettertransformer() with "
+                           "SDPA forced to the flash kernel (the guides' advanced usage)",
+                           LEGACY_BNB_KWARG, _bnb(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
+                           "fp4"),
+                claims=("C06", "C11", "C13"),
+                needs=replace(LEGACY_BNB_KWARG, packages={**LEGACY_BNB_KWARG.packages, "optimum": "<2.0"},
+                              dtypes={"cuda": HALF}),
+                kinds=DECODERS, post_load=_to_bettertransformer, context=_forced("flash"),
+                refusals=BT_REFUSALS, proof={"decoder": AllProofs((BNB_PROOF, FLASH_PROOF))}),
         _quantized("load_in_8bit", "the guides' spelling: from_pretrained(load_in_8bit=True)",
                    LEGACY_BNB_KWARG, _legacy_kwarg(load_in_8bit=True), "int8"),
         _quantized("load_in_4bit", "the guides' spelling: from_pretrained(load_in_4bit=True)",
