@@ -228,3 +228,82 @@ def test_quantized_cast_refused(case: Case, model_cache: ModelCache, metrics: di
         metrics[f"error_{cast}"] = f"ValueError: {message}"
         assert any(marker in message for marker in CAST_REFUSALS), (
             f"{case.id}: .{cast} raised ValueError without the documented message: {message}")
+
+
+# transformers' documented refusal (its bitsandbytes quantizer) when device_map="auto" plans part
+# of a quantized model off the main device: a ValueError naming llm_int8_enable_fp32_cpu_offload
+SPILL_REFUSAL = "Some modules are dispatched on the CPU or the disk"
+CAP_SCHEMES = frozenset({"bnb_int8", "bnb_nf4"})  # one per bitsandbytes format: the rule is shared
+
+
+@pytest.mark.C12
+@pytest.mark.cases(variant_filter=lambda variant: variant.id in CAP_SCHEMES)
+def test_quantized_memory_cap(case: Case, model_cache: ModelCache, metrics: dict[str, Any],
+                              tmp_path: Any) -> None:
+    """C12 on one device: device_map="auto" with a max_memory cap the quantized model fits and
+    the full-precision one does not. The planner must count quantized sizes, so every module
+    stays on the device, within the cap; a cap below the quantized size must not spill silently
+    (transformers refuses with its documented error, or what it loads stays within the cap)."""
+    import torch
+
+    from conformance import placement
+    from conformance.zoo import materialize
+
+    full = _get(model_cache, case, REGISTRY[REFERENCE])
+    want = footprint.expected(full.model, _scheme(case))
+    quantized, whole = want["footprint"] + want["state_bytes"], want["full_footprint"]
+    main = torch.device(model_cache.device).index or 0 if model_cache.device.startswith("cuda") else "cpu"
+    source = materialize(case.model, model_cache.workdir)
+
+    def resident(model: Any, before: dict[str, int]) -> int:
+        if main == "cpu":
+            return placement.resident_bytes(model, "cpu") + footprint.measured_state_bytes(model)
+        key = placement.device_key(main)
+        return placement.gpu_allocated().get(key, 0) - before.get(key, 0)
+
+    if quantized >= whole:
+        pytest.skip(f"{case.id}: the scheme quantizes no layer of {case.model.name}, so no cap tells "
+                    "quantized from full-precision sizes (test_quantized_footprint reports it)")
+    fits = (quantized + whole) // 2
+    metrics.update(quantized_bytes=quantized, full_precision_bytes=whole, cap_fits=fits)
+
+    def load_capped(cap: int, folder: str) -> tuple[Loaded | None, str]:
+        try:
+            return placement.load_placed(case.model, case.variant, case.dtype, source,
+                                         model_cache.device, device_map="auto", max_memory={main: cap},
+                                         offload_folder=str(tmp_path / folder))[0], ""
+        except LoadError as exc:
+            return None, str(exc)
+
+    before = placement.gpu_allocated()
+    loaded, error = load_capped(fits, "fits")
+    if loaded is None:
+        pytest.fail(f"{case.id}: a cap of {fits} bytes holds the quantized model ({quantized} bytes) "
+                    f"but not the full-precision one ({whole}); the load failed: {error}", pytrace=False)
+    where = getattr(loaded.model, "hf_device_map", {"": main})
+    home = placement.device_key(main)
+    elsewhere = {name: dev for name, dev in where.items() if placement.device_key(dev) != home}
+    used = resident(loaded.model, before)
+    metrics.update(placement={k: placement.device_key(v) for k, v in where.items()}, resident_bytes=used)
+    del loaded
+    placement.free_accelerator_memory()
+    assert not elsewhere, (
+        f"{case.id}: max_memory={{{main!r}: {fits}}} holds the quantized model ({quantized} bytes), yet "
+        f"modules were planned elsewhere: {dict(list(elsewhere.items())[:4])} (sizes counted at full "
+        f"precision, {whole} bytes?)")
+    assert used <= fits, f"{case.id}: {used} bytes resident on {main} after load, over the cap {fits}"
+
+    tight = quantized // 3
+    metrics["cap_tight"] = tight
+    before = placement.gpu_allocated()
+    loaded, error = load_capped(tight, "tight")
+    if loaded is None:
+        metrics["tight_cap_error"] = error[error.find("ValueError"):] if "ValueError" in error else error
+        assert SPILL_REFUSAL in error, (
+            f"{case.id}: a cap below the quantized size failed without transformers' documented "
+            f"refusal: {error}")
+        return
+    used = resident(loaded.model, before)
+    metrics["tight_resident_bytes"] = used
+    assert used <= tight, (
+        f"{case.id}: max_memory={{{main!r}: {tight}}} loaded with {used} bytes resident on {main}")
