@@ -71,3 +71,55 @@ def _refused_clearly(cache: ModelCache, case: Case, request: Any) -> tuple[str |
                       "message": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
     return (f"{request.id}: flash_attention_2 loaded and computed in {case.dtype} on {loaded.device} "
             "without any error (C02 promises a clear failure)"), {"refused_at": None}
+
+
+# bitsandbytes requests, one per format and spelling: C10/C11's misuse case
+QUANTIZED_REQUESTS = ("bnb_int8", "bnb_nf4", "load_in_8bit", "load_in_4bit")
+# what a clear refusal names: the device or backend the library cannot serve
+DEVICE_WORDS = ("GPU", "CUDA", "cuda", "device", "backend", "CPU", "cpu")
+# exception types that are the library's own words; the rest (AttributeError, TypeError, ...) are
+# an internal error escaping, which tells the user nothing about what to change
+CLEAR_TYPES = (ImportError, RuntimeError, ValueError, NotImplementedError, OSError)
+
+
+def _unserved(env: Any) -> list[Any]:
+    """The bitsandbytes requests this stack spells, whose bitsandbytes/transformers pair cannot
+    quantize on this device (the record's device-specific needs are unmet)."""
+    out = []
+    for vid in QUANTIZED_REQUESTS:
+        variant = REGISTRY[vid]
+        if missing_packages(variant.needs.packages):
+            continue  # another stack's spelling
+        if missing_packages(variant.needs.packages_on.get(env.kind, {})):
+            out.append(variant)
+    return out
+
+
+@pytest.mark.cases(variant_filter=lambda variant: variant.id == "eager", kinds=frozenset({"decoder"}),
+                   model_filter=lambda model: model.trained, claims=("C10", "C11"))
+def test_quantization_refuses_unserved_device(case: Case, model_cache: ModelCache,
+                                              conformance_selection: Any, metrics: dict[str, Any]) -> None:
+    """Quantizing on a device the installed transformers + bitsandbytes cannot serve fails with a
+    clear error (the library's own exception, naming the device or backend), recorded in
+    report.json, rather than an internal error or a silently unquantized model."""
+    requests = _unserved(conformance_selection.env)
+    if not requests:
+        pytest.skip("not applicable: this stack's bitsandbytes quantizes on this device (the "
+                    "quantization checks cover it)")
+    problems = []
+    for request in requests:
+        try:
+            cache_loaded = model_cache.get(case.model, request, case.dtype)
+        except LoadError as exc:
+            cause = exc.__cause__
+            message = str(exc)
+            metrics[request.id] = {"error": f"{type(cause).__name__}: {message.split(': ', 2)[-1]}"}
+            if not isinstance(cause, CLEAR_TYPES) or not any(w in message for w in DEVICE_WORDS):
+                problems.append(f"{request.id}: an unclear error, not a refusal naming the device: "
+                                f"{message}")
+            continue
+        layers = sum("bit" in type(m).__name__ for m in cache_loaded.model.modules())
+        metrics[request.id] = {"loaded": True, "bitsandbytes_layers": layers}
+        problems.append(f"{request.id}: loaded on {cache_loaded.device} although this stack's needs for "
+                        f"bitsandbytes there are unmet ({layers} bitsandbytes layers): check the registry")
+    assert not problems, f"{case.id}: " + "; ".join(problems)
