@@ -431,6 +431,15 @@ REGISTRY: dict[str, Variant] = {
                            "the unquantized weights stay in the run dtype", BNB_NEEDS,
                            _bnb("float32", load_in_4bit=True, bnb_4bit_quant_type="nf4"), "nf4"),
                 needs=KNOB_NEEDS, kinds=DECODERS),
+        # the guides' own 4-bit configuration: BitsAndBytesConfig(load_in_4bit=True,
+        # bnb_4bit_compute_dtype=torch.float16) on a model loaded in float32
+        replace(_quantized("bnb_nf4_c16", "4-bit NormalFloat, bnb_4bit_compute_dtype=float16 on a "
+                           "float32 model (the guides' configuration)", BNB_NEEDS,
+                           _bnb("float16", load_in_4bit=True, bnb_4bit_quant_type="nf4"), "nf4"),
+                needs=replace(BNB_NEEDS, dtypes={"cpu": frozenset({"fp32"}), "cuda": frozenset({"fp32"})},
+                              dtype_note="the guides' configuration: a float32 model whose 4-bit "
+                                         "layers compute in float16"),
+                kinds=DECODERS),
         # the guides' combination: a 4-bit model with SDPA forced to the flash kernel
         replace(_quantized("bnb_nf4+sdpa_flash", "4-bit NormalFloat with SDPA forced to the flash "
                            "kernel", BNB_NEEDS,

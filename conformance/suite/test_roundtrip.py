@@ -43,7 +43,9 @@ def _plain(variant: Variant) -> bool:
 
 
 def _quantized(variant: Variant) -> bool:
-    return variant.place_with_device_map
+    # a quantized model converted after loading (4-bit + BetterTransformer) cannot be saved by
+    # design (C07); its quantized base is round-tripped by the plain scheme's cases
+    return variant.place_with_device_map and variant.post_load is None
 
 
 def _reversible(variant: Variant) -> bool:
