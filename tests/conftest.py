@@ -33,17 +33,20 @@ RANK = {"passed": 0, "xfailed": 0, "skipped": 1, "not_applicable": 1, "xpassed":
         "error": 3}
 
 
-def run_fault(pytester: pytest.Pytester, run_suite: Any, plugin: str, fault: Any) -> dict[str, dict]:
-    """Run the suite with the fault catalogue `plugin` on a fault and its healthy twin; per variant,
-    the record with the worst outcome (a check can have several records, e.g. paddings)."""
+def run_fault(pytester: pytest.Pytester, run_suite: Any, plugin: str, fault: Any,
+              target: str = "conformance") -> dict[str, dict]:
+    """Run the suite (or one of its modules, `target`) with the fault catalogue `plugin` on a
+    fault and its healthy twin; per variant, the record with the worst outcome (a check can have
+    several records, e.g. paddings)."""
     import json
 
     out = pytester.path / "report"
+    padding = getattr(fault, "padding", "")
     run_suite(
-        "-p", plugin, "--pyargs", "conformance", "-q",
+        "-p", plugin, "--pyargs", target, "-q",
         "--model", fault.model, "--dtype", fault.dtype,
         "--variant", fault.variant.id, "--variant", fault.control,
-        "-k", f"{fault.caught_by} and {fault.padding}" if fault.padding else fault.caught_by,
+        "-k", f"test_{fault.caught_by} and {padding}" if padding else f"test_{fault.caught_by}",
         "--conformance-report", str(out),
     )
     by_variant: dict[str, dict] = {}
@@ -52,6 +55,35 @@ def run_fault(pytester: pytest.Pytester, run_suite: Any, plugin: str, fault: Any
         if kept is None or RANK[record["outcome"]] > RANK[kept["outcome"]]:
             by_variant[record["variant"]] = record
     return by_variant
+
+
+def control_unmet(fault: Any) -> str | None:
+    """Why a fault's healthy twin cannot run here, or None (asked without starting a subprocess)."""
+    from conformance import zoo
+    from conformance.environment import probe
+    from conformance.variants import REGISTRY
+
+    if fault.model not in {m.name for m in zoo.default_zoo()}:
+        return f"model {fault.model} is not installed"
+    return REGISTRY[fault.control].needs.unmet(probe("cpu"), fault.dtype)
+
+
+def assert_caught(fault: Any, by_variant: dict[str, dict]) -> None:
+    """The healthy twin passed and the fault failed in the check it names, with a message saying
+    what differed; the row goes into the detection table. A twin that cannot run here skips."""
+    __tracebackhide__ = True
+    control, planted = by_variant.get(fault.control), by_variant.get(fault.variant.id)
+    assert control is not None and planted is not None, f"run selected nothing: {by_variant}"
+    if control["outcome"] in ("skipped", "not_applicable"):
+        pytest.skip(f"control {fault.control} cannot run here: {control['reason']}")
+    assert control["outcome"] == "passed", (
+        f"healthy twin {fault.control} must pass the same selection: {control['reason']}")
+    assert planted["outcome"] == "failed", (
+        f"{fault.description}: expected check {fault.caught_by} to fail, got {planted['outcome']}")
+    assert planted["check"] == fault.caught_by
+    assert fault.message in planted["reason"], planted["reason"]
+    DETECTIONS.append((fault.variant.id, planted["check"], "caught",
+                       planted["reason"].split(": ", 1)[-1][:110]))
 
 
 class _Detections(list):

@@ -7,24 +7,12 @@ from typing import Any
 import pytest
 from faults import FAULTS, Fault
 
-from conftest import DETECTIONS, run_fault
+from conftest import DETECTIONS, assert_caught, run_fault
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=[f"{f.variant.id}-{f.caught_by}" for f in FAULTS])
 def test_fault_is_caught(pytester: pytest.Pytester, run_suite: Any, fault: Fault) -> None:
-    by_variant = run_fault(pytester, run_suite, "faults", fault)
-    control, planted = by_variant.get(fault.control), by_variant.get(fault.variant.id)
-    assert control is not None and planted is not None, f"run selected nothing: {by_variant}"
-    if control["outcome"] in ("skipped", "not_applicable"):
-        pytest.skip(f"control {fault.control} cannot run here: {control['reason']}")
-    assert control["outcome"] == "passed", (
-        f"healthy twin {fault.control} must pass the same selection: {control['reason']}")
-    assert planted["outcome"] == "failed", (
-        f"{fault.description}: expected check {fault.caught_by} to fail, got {planted['outcome']}")
-    assert planted["check"] == fault.caught_by
-    assert fault.message in planted["reason"], planted["reason"]
-    figure = planted["reason"].split(": ", 1)[-1][:110]
-    DETECTIONS.append((fault.variant.id, planted["check"], "caught", figure))
+    assert_caught(fault, run_fault(pytester, run_suite, "faults", fault))
 
 
 def test_fa2_served_silently_by_sdpa_is_caught(pytester: pytest.Pytester, run_suite: Any) -> None:

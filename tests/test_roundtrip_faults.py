@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from faults_roundtrip import FAULTS, RoundtripFault
 
-from conftest import DETECTIONS
+from conftest import DETECTIONS, assert_caught, run_fault
 
 
 def _report(pytester: pytest.Pytester, run_suite: Any, *args: str) -> list[dict[str, Any]]:
@@ -23,21 +23,7 @@ def _report(pytester: pytest.Pytester, run_suite: Any, *args: str) -> list[dict[
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.variant.id for f in FAULTS])
 def test_roundtrip_fault_is_caught(pytester: pytest.Pytester, run_suite: Any,
                                    fault: RoundtripFault) -> None:
-    results = _report(pytester, run_suite, "--model", fault.model, "--dtype", fault.dtype,
-                      "--variant", fault.variant.id, "--variant", fault.control,
-                      "-k", f"test_{fault.caught_by}")
-    by_variant = {r["variant"]: r for r in results if r["check"] == fault.caught_by}
-    control, planted = by_variant.get(fault.control), by_variant.get(fault.variant.id)
-    assert control is not None and planted is not None, f"run selected nothing: {results}"
-    if control["outcome"] in ("skipped", "not_applicable"):
-        pytest.skip(f"control {fault.control} cannot run here: {control['reason']}")
-    assert control["outcome"] == "passed", (
-        f"healthy twin {fault.control} must pass the same selection: {control['reason']}")
-    assert planted["outcome"] == "failed", (
-        f"{fault.description}: expected check {fault.caught_by} to fail, got {planted['outcome']}")
-    assert fault.message in planted["reason"], planted["reason"]
-    DETECTIONS.append((fault.variant.id, planted["check"], "caught",
-                       planted["reason"].split(": ", 1)[-1][:110]))
+    assert_caught(fault, run_fault(pytester, run_suite, "faults_roundtrip", fault))
 
 
 def _damaged_checkpoints(root: Path) -> dict[str, Path]:
