@@ -268,6 +268,15 @@ def _compiled(vid: str, summary: str, needs: Needs, max_graph_breaks: int = 0,
     )
 
 
+def _forced_sdpa(vid: str, claims: tuple[str, ...], summary: str,
+                 context: Callable[[], contextlib.AbstractContextManager[Any]], proof: Proof,
+                 needs: Needs | None = None) -> Variant:
+    """An SDPA model whose forward runs with one backend forced; its proof names that kernel, so a
+    silent fallback to another backend fails (C08)."""
+    return Variant(vid, claims, summary, needs=needs or Needs(), refusals=NO_SUCH_IMPLEMENTATION,
+                   load_kwargs=_attn("sdpa"), context=context, proof=_both(proof))
+
+
 FA2_NEEDS = dict(
     devices=frozenset({"cuda"}),
     min_capability=(8, 0),
@@ -318,61 +327,20 @@ REGISTRY: dict[str, Variant] = {
             refusals=NO_SUCH_IMPLEMENTATION,
             proof=_both(SDPA_PROOF),
         ),
-        Variant(
-            "sdpa_math",
-            ("C08",),
-            "SDPA forced to the math backend",
-            refusals=NO_SUCH_IMPLEMENTATION,
-            load_kwargs=_attn("sdpa"),
-            context=_forced("math"),
-            proof=_both(MATH_PROOF),
-        ),
-        Variant(
-            "sdpa_flash",
-            ("C08", "C09"),
-            "SDPA forced to the flash kernel",
-            needs=Needs(dtypes={"cuda": HALF}),
-            refusals=NO_SUCH_IMPLEMENTATION,
-            load_kwargs=_attn("sdpa"),
-            context=_forced("flash"),
-            proof=_both(FLASH_PROOF),
-        ),
-        Variant(
-            "sdpa_efficient",
-            ("C08",),
-            "SDPA forced to the memory-efficient kernel",
-            needs=Needs(devices=frozenset({"cuda"}), where=GPU_RUNNER),
-            refusals=NO_SUCH_IMPLEMENTATION,
-            load_kwargs=_attn("sdpa"),
-            context=_forced("efficient"),
-            proof=_both(EFFICIENT_PROOF),
-        ),
-        Variant(
-            "sdpa_cudnn",
-            ("C08", "C09"),
-            "SDPA forced to the cuDNN kernel",
-            needs=Needs(
-                packages={"torch": ">=2.5"},
-                devices=frozenset({"cuda"}),
-                min_capability=(8, 0),
-                dtypes={"cuda": HALF},
-                where=GPU_RUNNER,
-            ),
-            refusals=NO_SUCH_IMPLEMENTATION,
-            load_kwargs=_attn("sdpa"),
-            context=_forced("cudnn"),
-            proof=_both(CUDNN_PROOF),
-        ),
-        Variant(
-            "sdp_kernel_flash",
-            ("C08", "C09"),
-            "the guides' spelling: torch.backends.cuda.sdp_kernel(enable_flash=True, ...)",
-            needs=Needs(dtypes={"cuda": HALF}, predicate=("legacy_sdp_kernel",)),
-            refusals=NO_SUCH_IMPLEMENTATION,
-            load_kwargs=_attn("sdpa"),
-            context=_guides_sdp_kernel("flash"),
-            proof=_both(FLASH_PROOF),
-        ),
+        _forced_sdpa("sdpa_math", ("C08",), "SDPA forced to the math backend", _forced("math"),
+                     MATH_PROOF),
+        _forced_sdpa("sdpa_flash", ("C08", "C09"), "SDPA forced to the flash kernel", _forced("flash"),
+                     FLASH_PROOF, Needs(dtypes={"cuda": HALF})),
+        _forced_sdpa("sdpa_efficient", ("C08",), "SDPA forced to the memory-efficient kernel",
+                     _forced("efficient"), EFFICIENT_PROOF,
+                     Needs(devices=frozenset({"cuda"}), where=GPU_RUNNER)),
+        _forced_sdpa("sdpa_cudnn", ("C08", "C09"), "SDPA forced to the cuDNN kernel", _forced("cudnn"),
+                     CUDNN_PROOF, Needs(packages={"torch": ">=2.5"}, devices=frozenset({"cuda"}),
+                                        min_capability=(8, 0), dtypes={"cuda": HALF}, where=GPU_RUNNER)),
+        _forced_sdpa("sdp_kernel_flash", ("C08", "C09"),
+                     "the guides' spelling: torch.backends.cuda.sdp_kernel(enable_flash=True, ...)",
+                     _guides_sdp_kernel("flash"), FLASH_PROOF,
+                     Needs(dtypes={"cuda": HALF}, predicate=("legacy_sdp_kernel",))),
         Variant(
             "fa2",
             ("C01", "C03"),
