@@ -122,11 +122,12 @@ class QualityTolerance:
 
 # Measured with conformance/quality.py, current stack, CPU (bitsandbytes 0.50.2), fp32 and bf16
 # pooled (the worse of the two), over every variant of the scheme (e.g. nf4: bnb_nf4, bnb_nf4_dq,
-# bnb_nf4_c32, bnb_nf4+sdpa_flash): tiny-llama-trained (intermediate_size 384, retrained so that
-# the CPU 4-bit kernel takes its MLP) on 4 windows x 64 tokens of the corpus (each line tokenized
+# bnb_nf4_c32, bnb_nf4_c16, bnb_nf4+sdpa_math/flash): tiny-llama-trained (intermediate_size 384,
+# retrained so that the CPU 4-bit kernel takes its MLP) on 4 windows x 64 tokens (each line tokenized
 # alone, windows at even strides), MiniLM on the corpus's first 16 lines of >= 40 characters.
 # Worst figures seen:
-#   int8: mean KL 0.00194, top-1 0.949, ppl ratio 1.0082; MiniLM cosine min 0.99886, mean 0.99925
+#   int8 (also + SDPA math / flash): mean KL 0.00200, top-1 0.945, ppl ratio 1.0083; MiniLM cosine
+#     min 0.99886, mean 0.99925
 #   int8 with llm_int8_threshold=0 (no outlier path; its own row, measurably worse on MiniLM):
 #     MiniLM cosine min 0.99646, mean 0.99741 (encoders only in the default run)
 #   nf4: mean KL 0.0585, top-1 0.875, ppl ratio 1.0761; MiniLM cosine min 0.96395, mean 0.97295
@@ -140,7 +141,7 @@ class QualityTolerance:
 # Bound = 2 x the measured distance from a perfect answer (KL; 1 - agreement; 1 - cosine;
 # ppl ratio - 1; flip margin), rounded outward.
 QUALITY_MEASURED = {
-    "int8": {"mean_kl": 0.00194, "top1": 0.949, "perplexity_ratio": 1.0082,
+    "int8": {"mean_kl": 0.00200, "top1": 0.945, "perplexity_ratio": 1.0083,
              "min_cosine": 0.99886, "mean_cosine": 0.99925, "flip_margin": 0.375},
     "bnb_int8_no_outliers": {"min_cosine": 0.99646, "mean_cosine": 0.99741},
     "nf4": {"mean_kl": 0.0585, "top1": 0.875, "perplexity_ratio": 1.0761,
@@ -149,7 +150,7 @@ QUALITY_MEASURED = {
             "min_cosine": 0.92041, "mean_cosine": 0.94347, "flip_margin": 2.906},
 }
 QUALITY: dict[str, QualityTolerance] = {  # by scheme, or by variant id where a knob differs
-    "int8": QualityTolerance(max_mean_kl=0.004, min_top1=0.89, max_perplexity_ratio=1.017,
+    "int8": QualityTolerance(max_mean_kl=0.005, min_top1=0.89, max_perplexity_ratio=1.017,
                              min_cosine=0.997, min_mean_cosine=0.998, max_flip_margin=0.8),
     "bnb_int8_no_outliers": QualityTolerance(min_cosine=0.992, min_mean_cosine=0.994),
     "nf4": QualityTolerance(max_mean_kl=0.12, min_top1=0.75, max_perplexity_ratio=1.16,

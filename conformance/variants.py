@@ -286,6 +286,37 @@ FA2_NEEDS = dict(
 )
 
 
+# SDPA backends a quantized model is combined with: the backend's proof and what it needs beyond
+# the knob variants' (one half dtype per device)
+FORCED_BACKENDS: dict[str, tuple[Proof, dict[str, Any]]] = {
+    "math": (MATH_PROOF, {}),
+    "flash": (FLASH_PROOF, {}),
+    "efficient": (EFFICIENT_PROOF, {"devices": frozenset({"cuda"}), "where": GPU_RUNNER}),
+    "cudnn": (CUDNN_PROOF, {"devices": frozenset({"cuda"}), "min_capability": (8, 0), "where": GPU_RUNNER,
+                            "packages": {**BNB_NEEDS.packages, "torch": ">=2.5"}}),
+}
+
+
+COMBO_DTYPES = ("a combination runs in half precision only (the dtype the fast kernels are for; one "
+                "dtype keeps the run fast)")
+
+
+def _quantized_sdpa(scheme: str, backend: str) -> Variant:
+    """A bitsandbytes model whose forward runs SDPA forced to one backend (C13: the optimizations
+    combine); its proof needs the bitsandbytes ops and that kernel in one forward."""
+    proof, extra = FORCED_BACKENDS[backend]
+    config: dict[str, Any] = ({"load_in_8bit": True} if scheme == "int8"
+                              else {"load_in_4bit": True, "bnb_4bit_quant_type": scheme})
+    name = "LLM.int8" if scheme == "int8" else "4-bit NormalFloat"
+    return replace(
+        _quantized(f"bnb_{scheme}+sdpa_{backend}", f"{name} with SDPA forced to the {backend} backend",
+                   BNB_NEEDS, _bnb(attn="sdpa", **config), scheme),
+        claims=("C10", "C08") if scheme == "int8" else ("C11", "C13"),
+        needs=replace(KNOB_NEEDS, **{"dtype_note": COMBO_DTYPES, **extra}), kinds=DECODERS,
+        context=_forced(backend),
+        refusals=NO_SUCH_IMPLEMENTATION, proof=_both(AllProofs((BNB_PROOF, proof))))
+
+
 FA2_BNB_PACKAGES = {"bitsandbytes": ">=0.39", "flash-attn": ">=2.1", "transformers": ">=4.36"}
 
 
@@ -408,13 +439,9 @@ REGISTRY: dict[str, Variant] = {
                               dtype_note="the guides' configuration: a float32 model whose 4-bit "
                                          "layers compute in float16"),
                 kinds=DECODERS),
-        # the guides' combination: a 4-bit model with SDPA forced to the flash kernel
-        replace(_quantized("bnb_nf4+sdpa_flash", "4-bit NormalFloat with SDPA forced to the flash "
-                           "kernel", BNB_NEEDS,
-                           _bnb(attn="sdpa", load_in_4bit=True, bnb_4bit_quant_type="nf4"), "nf4"),
-                claims=("C11", "C13"), needs=KNOB_NEEDS, kinds=DECODERS, context=_forced("flash"),
-                refusals=NO_SUCH_IMPLEMENTATION,
-                proof=_both(AllProofs((BNB_PROOF, FLASH_PROOF)))),
+        # the guides' combination (a 4-bit model with SDPA forced to the flash kernel), for each
+        # bitsandbytes format and each forced backend; the device's own ones run
+        *(_quantized_sdpa(scheme, backend) for scheme in ("int8", "nf4") for backend in FORCED_BACKENDS),
         # C04/C13 on GPU: FA2 over a quantized model (the proof needs both paths in one forward)
         _quantized_fa2("bnb_int8+fa2", "LLM.int8 with attn_implementation=\"flash_attention_2\"",
                        _bnb(attn="flash_attention_2", load_in_8bit=True), "int8"),
