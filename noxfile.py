@@ -39,7 +39,7 @@ EXPECTATIONS = {
 # The false-alarm measurement's selection: the trained decoder (real weights) and an encoder, with
 # every variant the stack runs except torch.compile (opt-in, EXT; 43-110 s of compiling per model
 # and run on CPU). The nightly profile over this selection took 3-8 min per run on legacy and
-# 7.5-9 min on current, on one core of a shared 2-core machine; CONFORMANCE_FALSE_ALARM_MODELS
+# 5.5-18 min on current, on one core of a shared 2-core machine; CONFORMANCE_FALSE_ALARM_MODELS
 # widens it (e.g. "tiny-llama-trained bert llama gpt2").
 FALSE_ALARM_MODELS = os.environ.get("CONFORMANCE_FALSE_ALARM_MODELS", "tiny-llama-trained bert").split()
 FALSE_ALARM_SELECTION = [*(arg for model in FALSE_ALARM_MODELS for arg in ("--model", model)),
