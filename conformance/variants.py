@@ -286,14 +286,20 @@ FA2_NEEDS = dict(
 )
 
 
-# SDPA backends a quantized model is combined with: the backend's proof and what it needs beyond
-# the knob variants' (one half dtype per device)
-FORCED_BACKENDS: dict[str, tuple[Proof, dict[str, Any]]] = {
-    "math": (MATH_PROOF, {}),
-    "flash": (FLASH_PROOF, {}),
-    "efficient": (EFFICIENT_PROOF, {"devices": frozenset({"cuda"}), "where": GPU_RUNNER}),
-    "cudnn": (CUDNN_PROOF, {"devices": frozenset({"cuda"}), "min_capability": (8, 0), "where": GPU_RUNNER,
-                            "packages": {**BNB_NEEDS.packages, "torch": ">=2.5"}}),
+# SDPA forced to each backend, by backend: registered as they are, and combined with each
+# bitsandbytes format below (the combination takes the backend's proof and device needs)
+FORCED_SDPA: dict[str, Variant] = {
+    "math": _forced_sdpa("sdpa_math", ("C08",), "SDPA forced to the math backend", _forced("math"),
+                         MATH_PROOF),
+    "flash": _forced_sdpa("sdpa_flash", ("C08", "C09"), "SDPA forced to the flash kernel",
+                          _forced("flash"), FLASH_PROOF, Needs(dtypes={"cuda": HALF})),
+    "efficient": _forced_sdpa("sdpa_efficient", ("C08",), "SDPA forced to the memory-efficient kernel",
+                              _forced("efficient"), EFFICIENT_PROOF,
+                              Needs(devices=frozenset({"cuda"}), where=GPU_RUNNER)),
+    "cudnn": _forced_sdpa("sdpa_cudnn", ("C08", "C09"), "SDPA forced to the cuDNN kernel",
+                          _forced("cudnn"), CUDNN_PROOF,
+                          Needs(packages={"torch": ">=2.5"}, devices=frozenset({"cuda"}),
+                                min_capability=(8, 0), dtypes={"cuda": HALF}, where=GPU_RUNNER)),
 }
 
 
@@ -304,7 +310,8 @@ COMBO_DTYPES = ("a combination runs in half precision only (the dtype the fast k
 def _quantized_sdpa(scheme: str, backend: str) -> Variant:
     """A bitsandbytes model whose forward runs SDPA forced to one backend (C13: the optimizations
     combine); its proof needs the bitsandbytes ops and that kernel in one forward."""
-    proof, extra = FORCED_BACKENDS[backend]
+    forced = FORCED_SDPA[backend]
+    backend_needs = forced.needs  # its device needs; its dtypes give way to the knobs' one dtype
     config: dict[str, Any] = ({"load_in_8bit": True} if scheme == "int8"
                               else {"load_in_4bit": True, "bnb_4bit_quant_type": scheme})
     name = "LLM.int8" if scheme == "int8" else "4-bit NormalFloat"
@@ -312,9 +319,11 @@ def _quantized_sdpa(scheme: str, backend: str) -> Variant:
         _quantized(f"bnb_{scheme}+sdpa_{backend}", f"{name} with SDPA forced to the {backend} backend",
                    BNB_NEEDS, _bnb(attn="sdpa", **config), scheme),
         claims=("C10", "C08") if scheme == "int8" else ("C11", "C13"),
-        needs=replace(KNOB_NEEDS, **{"dtype_note": COMBO_DTYPES, **extra}), kinds=DECODERS,
-        context=_forced(backend),
-        refusals=NO_SUCH_IMPLEMENTATION, proof=_both(AllProofs((BNB_PROOF, proof))))
+        needs=replace(KNOB_NEEDS, packages={**BNB_NEEDS.packages, **backend_needs.packages},
+                      devices=backend_needs.devices, min_capability=backend_needs.min_capability,
+                      where=backend_needs.where or KNOB_NEEDS.where, dtype_note=COMBO_DTYPES),
+        kinds=DECODERS, context=forced.context, refusals=NO_SUCH_IMPLEMENTATION,
+        proof=_both(AllProofs((BNB_PROOF, forced.proof["decoder"]))))
 
 
 FA2_BNB_PACKAGES = {"bitsandbytes": ">=0.39", "flash-attn": ">=2.1", "transformers": ">=4.36"}
@@ -358,16 +367,7 @@ REGISTRY: dict[str, Variant] = {
             refusals=NO_SUCH_IMPLEMENTATION,
             proof=_both(SDPA_PROOF),
         ),
-        _forced_sdpa("sdpa_math", ("C08",), "SDPA forced to the math backend", _forced("math"),
-                     MATH_PROOF),
-        _forced_sdpa("sdpa_flash", ("C08", "C09"), "SDPA forced to the flash kernel", _forced("flash"),
-                     FLASH_PROOF, Needs(dtypes={"cuda": HALF})),
-        _forced_sdpa("sdpa_efficient", ("C08",), "SDPA forced to the memory-efficient kernel",
-                     _forced("efficient"), EFFICIENT_PROOF,
-                     Needs(devices=frozenset({"cuda"}), where=GPU_RUNNER)),
-        _forced_sdpa("sdpa_cudnn", ("C08", "C09"), "SDPA forced to the cuDNN kernel", _forced("cudnn"),
-                     CUDNN_PROOF, Needs(packages={"torch": ">=2.5"}, devices=frozenset({"cuda"}),
-                                        min_capability=(8, 0), dtypes={"cuda": HALF}, where=GPU_RUNNER)),
+        *FORCED_SDPA.values(),
         _forced_sdpa("sdp_kernel_flash", ("C08", "C09"),
                      "the guides' spelling: torch.backends.cuda.sdp_kernel(enable_flash=True, ...)",
                      _guides_sdp_kernel("flash"), FLASH_PROOF,
@@ -441,7 +441,7 @@ REGISTRY: dict[str, Variant] = {
                 kinds=DECODERS),
         # the guides' combination (a 4-bit model with SDPA forced to the flash kernel), for each
         # bitsandbytes format and each forced backend; the device's own ones run
-        *(_quantized_sdpa(scheme, backend) for scheme in ("int8", "nf4") for backend in FORCED_BACKENDS),
+        *(_quantized_sdpa(scheme, backend) for scheme in ("int8", "nf4") for backend in FORCED_SDPA),
         # C04/C13 on GPU: FA2 over a quantized model (the proof needs both paths in one forward)
         _quantized_fa2("bnb_int8+fa2", "LLM.int8 with attn_implementation=\"flash_attention_2\"",
                        _bnb(attn="flash_attention_2", load_in_8bit=True), "int8"),
