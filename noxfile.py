@@ -3,11 +3,19 @@
     nox -s current legacy --install-only     # set up both stacks
     nox -R -s current legacy -- suite        # the main job: the suite on the shipped models
     nox -R -s current legacy -- tests        # the suite's own tests
+
+Each stack installs from its lock (locks/<stack>.txt, exact versions), so that a fresh clone
+passes any day; `nox -s latest` installs the newest releases unpinned and runs the same jobs
+(its new failures are findings to triage, not CI breakage); `nox -s lock` rewrites the locks.
+Release work: `nox -s replay` (real regressions, buggy vs fixed release), `nox -s sweep` (every
+transformers minor of the declared range), `nox -s bisect -- TEST_ID GOOD BAD`.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import nox
 
@@ -46,8 +54,17 @@ FALSE_ALARM_SELECTION = [*(arg for model in FALSE_ALARM_MODELS for arg in ("--mo
                          "-m", "not budget", "-k", "not compile"]
 
 
-def _stack(session: nox.Session, stack: str) -> None:
-    session.install(TORCH, *STACKS[stack], "-e", ".[real,dev]")
+LOCKS = Path(__file__).parent / "locks"
+
+
+def _install(session: nox.Session, stack: str, locked: bool = True) -> None:
+    lock = LOCKS / f"{stack}.txt"
+    constraints = ["-c", str(lock)] if locked and lock.exists() else []
+    session.install(TORCH, *STACKS[stack], "-e", ".[real,dev]", *constraints)
+
+
+def _stack(session: nox.Session, stack: str, locked: bool = True) -> None:
+    _install(session, stack, locked)
     env = {"HF_HUB_OFFLINE": "1", "CONFORMANCE_STACK": stack}
     jobs = session.posargs or ["tests", "suite"]
     if "tests" in jobs:
@@ -87,3 +104,105 @@ def legacy(session: nox.Session) -> None:
 def floor(session: nox.Session) -> None:
     """The declared floor of the supported range: collection plus one model through each variant."""
     _stack(session, "floor")
+
+
+@nox.session
+def latest(session: nox.Session) -> None:
+    """The current stack's packages unpinned (newest releases): a watch, not CI. Its failures are
+    findings to triage (an expectation entry, a fix, or a finding in the README)."""
+    _stack(session, "current", locked=False)
+
+
+@nox.session(venv_backend="virtualenv")
+def lock(session: nox.Session) -> None:
+    """Rewrite locks/<stack>.txt from a fresh unpinned install of each stack (torch stays pinned
+    by TORCH, since its wheel differs between CPU and GPU machines)."""
+    for stack in session.posargs or ["current", "legacy", "floor"]:
+        session.install(TORCH, *STACKS[stack], "-e", ".[real,dev]")
+        frozen = session.run("pip", "freeze", "--exclude-editable", silent=True) or ""
+        kept = [line for line in frozen.splitlines()
+                if line and not line.startswith(("-e ", "hf-inference-conformance", "torch=="))]
+        LOCKS.mkdir(exist_ok=True)
+        (LOCKS / f"{stack}.txt").write_text("\n".join(sorted(kept, key=str.lower)) + "\n")
+        session.log(f"locks/{stack}.txt: {len(kept)} packages")
+        session.run("pip", "uninstall", "-y", "-q", *[line.split("==")[0] for line in kept])
+
+
+# --- release work: replay of real regressions, the release sweep, bisect -------------------------
+
+# Each replay case: a real upstream regression, a pair of releases (buggy, fixed), the zoo model it
+# needs and the one check (pytest -k) that must fail on the buggy release and pass on the fixed.
+REPLAY = json.loads((Path(__file__).parent / "fixtures" / "replay.json").read_text())
+# The companions each transformers line installs beside (the sweep's table): the newest optimum /
+# accelerate that still install with it; bitsandbytes only where its CPU backend imports.
+SWEEP = json.loads((Path(__file__).parent / "fixtures" / "sweep.json").read_text())
+SWEEP_SELECTION = ["--model", "llama", "--model", "bert", "--model", "mistral",
+                   "--model", "tiny-llama-trained", "-m", "not budget", "-p", "no:randomly",
+                   "--hypothesis-profile", "ci"]
+
+
+def _release(session: nox.Session, transformers: str) -> None:
+    """Install one transformers release with the companions the sweep table names for its line."""
+    minor = ".".join(transformers.split(".")[:2])
+    companions = SWEEP.get(minor, SWEEP["default"])
+    session.install(TORCH, f"transformers=={transformers}", *companions, "-e", ".[dev]")
+
+
+def _run_selection(session: nox.Session, report: str, *args: str) -> None:
+    env = {"HF_HUB_OFFLINE": "1", "CI": "1"}
+    session.run("pytest", "--pyargs", "conformance", "-q", *args, f"--conformance-report={report}",
+                env=env, success_codes=[0, 1, 5])
+
+
+@nox.session
+def replay(session: nox.Session) -> None:
+    """Every case of fixtures/replay.json: the named check fails on the buggy release and passes on
+    the fixed one. `nox -s replay -- CASE ...` runs only those."""
+    chosen = [c for c in REPLAY["cases"] if not session.posargs or c["case"] in session.posargs]
+    for case in chosen:
+        for role in ("buggy", "fixed"):
+            _release(session, case[role])
+            _run_selection(session, f"reports/replay/{case['case']}/{role}", "--model", case["model"],
+                           "--variant", case["variant"], "--dtype", "fp32", "-k", case["check"],
+                           "-p", "no:randomly", "--hypothesis-profile", "ci")
+    session.run("python", "-m", "conformance.releases", "replay", "fixtures/replay.json",
+                "reports/replay", *[c["case"] for c in chosen])
+
+
+@nox.session
+def sweep(session: nox.Session) -> None:
+    """The latest patch of every transformers minor of the declared range through a fast
+    selection; one row per release (reports/sweep/<release>/). Nightly, not CI."""
+    releases = session.posargs or SWEEP["releases"]
+    for release in releases:
+        _release(session, release)
+        _run_selection(session, f"reports/sweep/{release}", *SWEEP_SELECTION)
+    session.run("python", "-m", "conformance.releases", "sweep", "reports/sweep", *releases)
+
+
+@nox.session
+def bisect(session: nox.Session) -> None:
+    """`nox -s bisect -- TEST_ID GOOD BAD`: the first release between GOOD and BAD (transformers
+    versions from the sweep table's list) on which TEST_ID fails."""
+    if len(session.posargs) != 3:
+        session.error("usage: nox -s bisect -- TEST_ID GOOD BAD")
+    test_id, good, bad = session.posargs
+    from packaging.version import Version
+
+    known = sorted({*SWEEP["releases"], *SWEEP.get("bisect_extra", []), good, bad}, key=Version)
+    span = [r for r in known if Version(good) <= Version(r) <= Version(bad)]
+    lo, hi = 0, len(span) - 1  # span[lo] passes, span[hi] fails (checked first)
+
+    def fails(release: str) -> bool:
+        _release(session, release)
+        out = f"reports/bisect/{release}"
+        _run_selection(session, out, "-k", test_id, "-p", "no:randomly", "--hypothesis-profile", "ci")
+        results = json.loads((Path(out) / "report.json").read_text())["results"]
+        return any(r["outcome"] in ("failed", "error") for r in results)
+
+    if fails(span[lo]) or not fails(span[hi]):
+        session.error(f"{test_id}: GOOD {good} must pass and BAD {bad} must fail")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fails(span[mid]) else (mid, hi)
+    session.log(f"first bad release for {test_id}: transformers {span[hi]} (last good {span[lo]})")

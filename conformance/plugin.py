@@ -64,6 +64,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="release gating: fail on regressions against this previous report")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser,
+                                  args: list[str]) -> None:
+    """`--conformance-report /abs/dir` must not move the rootdir (conformance/rootdir.py)."""
+    from conformance.rootdir import redetermine
+
+    redetermine(early_config, args)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+import pytest
 import torch
 
 from conformance import variants
@@ -105,12 +106,29 @@ def _packing_lost(model: Any) -> Any:
 
 
 def _cache_positions_stale(model: Any) -> Any:
-    """Cached decoding steps get position ids one behind (an off-by-one in the cache offset)."""
+    """Cached decoding steps get position ids one behind (an off-by-one in the cache offset).
+
+    How generate() hands the cache over changed between releases (transformers 5.24 passes it as
+    `cache=`, earlier ones as `past_key_values=`), and whether it passes position_ids too, so the
+    fault reads either and derives the positions when absent: it must not depend on which."""
     def pre_hook(module: Any, args: Any, kwargs: Any) -> Any:
         cache = kwargs.get("past_key_values")
+        if cache is None:
+            cache = kwargs.get("cache")
         seen = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
-        if seen and kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = (kwargs["position_ids"] - 1).clamp(min=0)
+        if not seen:
+            return args, kwargs
+        ids = kwargs.get("input_ids")
+        if ids is None and args:
+            ids = args[0]
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            if kwargs.get("cache_position") is not None:
+                positions = kwargs["cache_position"][None]
+            else:
+                positions = torch.arange(seen, seen + ids.shape[-1], device=ids.device)[None]
+            positions = positions.expand(ids.shape[0], -1)
+        kwargs["position_ids"] = (positions - 1).clamp(min=0)
         return args, kwargs
 
     model.register_forward_pre_hook(pre_hook, with_kwargs=True)
@@ -301,4 +319,9 @@ def register() -> None:
         REGISTRY[fault.variant.id] = fault.variant
     REGISTRY[FA2_SERVED_BY_SDPA.id] = FA2_SERVED_BY_SDPA
 
-register()
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Only a run that loads this catalogue as a plugin (``-p faults``) sees the faults: importing
+    the module (the self-tests do, to parametrize) leaves the suite's registry alone."""
+    register()

@@ -8,6 +8,8 @@ release gating can compare a planted regression with its healthy baseline.
 
 from __future__ import annotations
 
+import pytest
+
 import contextlib
 import functools
 import os
@@ -143,4 +145,7 @@ def register() -> None:
     REGISTRY[CANDIDATE.id] = CANDIDATE
 
 
-register()
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Registered only when loaded as a plugin (-p): importing this module changes nothing."""
+    register()

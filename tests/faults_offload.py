@@ -146,8 +146,6 @@ def register() -> None:
             REGISTRY[fault.variant.id] = fault.variant
 
 
-register()
-
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--planted-planner-fault", default=None, metavar="FAULT:CLASS",
@@ -179,7 +177,9 @@ def _split_block(plan: Callable[..., Any], model: Any, max_memory: Any = None, *
 PLANNER_FAULTS = {"ignore_caps": _ignore_caps, "split_block": _split_block}
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
+    register()  # only when loaded as a plugin (-p): importing this module changes nothing
     chosen = config.getoption("planted_planner_fault")
     if not chosen:
         return

@@ -5,6 +5,8 @@ that must catch it, the message that check must give, and its healthy twin.
 
 from __future__ import annotations
 
+import pytest
+
 import shutil
 import tempfile
 from dataclasses import replace
@@ -120,4 +122,7 @@ def register() -> None:
         REGISTRY[fault.variant.id] = fault.variant
 
 
-register()
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Registered only when loaded as a plugin (-p): importing this module changes nothing."""
+    register()

@@ -5,6 +5,8 @@ that check must give, and its healthy twin (which must pass the same selection).
 
 from __future__ import annotations
 
+import pytest
+
 from typing import Any
 
 from faults import Fault, _fault
@@ -75,4 +77,7 @@ def register() -> None:
         REGISTRY[fault.variant.id] = fault.variant
 
 
-register()
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Registered only when loaded as a plugin (-p): importing this module changes nothing."""
+    register()

@@ -8,6 +8,8 @@ Like tests/faults.py, each fault is a registry record (a variant with another ``
 
 from __future__ import annotations
 
+import pytest
+
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -90,4 +92,7 @@ def register() -> None:
         REGISTRY[fault.variant.id] = fault.variant
 
 
-register()
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Registered only when loaded as a plugin (-p): importing this module changes nothing."""
+    register()

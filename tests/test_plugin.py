@@ -134,3 +134,43 @@ def test_malformed_expectations_file_is_one_line(run_suite: Any, tmp_path: Path)
     bad.write_text("test_logits[bert two ids on one line\n")
     result = run_suite(*SUITE, "--xfails-file", str(bad))
     _one_line_error(result, "bad.txt:1: expected one test id per line")
+
+
+def _collected(*args: str) -> tuple[int, str]:
+    """(items collected, rootdir line) for a collect-only run from the project root."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", *args], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=300)
+    found = re.search(r"collected (\d+) items", done.stdout)
+    assert found, done.stdout[-2000:] + done.stderr[-2000:]
+    rootdir = next(line for line in done.stdout.splitlines() if line.startswith("rootdir:"))
+    return int(found.group(1)), rootdir
+
+
+@pytest.mark.parametrize("suite", [(), SUITE], ids=["testpaths", "pyargs"])
+def test_absolute_report_dir_keeps_rootdir_and_collection(tmp_path: Path, suite: tuple[str, ...]) -> None:
+    """`--conformance-report /abs/dir` as a separate argument collects exactly what the relative
+    `--conformance-report=reports/x` does, from the same rootdir: no self-test (and so no planted
+    fault) ever enters the suite's run."""
+    relative = _collected(*suite, "--conformance-report=reports/x")
+    absolute = _collected(*suite, "--conformance-report", str(tmp_path))
+    assert absolute == relative
+    assert str(tmp_path) not in absolute[1]
+
+
+def test_importing_fault_catalogues_leaves_the_registry_alone() -> None:
+    """Planted faults enter the registry only through their plugin (-p faults), never by import."""
+    import importlib
+
+    from conformance.variants import REGISTRY
+
+    before = set(REGISTRY)
+    for name in ("faults", "faults_quant", "faults_roundtrip", "faults_budget", "faults_offload"):
+        importlib.import_module(name)
+    assert set(REGISTRY) == before
