@@ -8,8 +8,6 @@ release gating can compare a planted regression with its healthy baseline.
 
 from __future__ import annotations
 
-import pytest
-
 import contextlib
 import functools
 import os
@@ -17,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+import pytest
 import torch
 
 from conformance.variants import REGISTRY, Variant

@@ -5,14 +5,13 @@ that must catch it, the message that check must give, and its healthy twin.
 
 from __future__ import annotations
 
-import pytest
-
 import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 from faults import Fault, _fault
 
 from conformance import onnx_runtime

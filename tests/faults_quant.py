@@ -5,10 +5,9 @@ that check must give, and its healthy twin (which must pass the same selection).
 
 from __future__ import annotations
 
-import pytest
-
 from typing import Any
 
+import pytest
 from faults import Fault, _fault
 
 from conformance.footprint import quantized_layers

@@ -8,12 +8,12 @@ Like tests/faults.py, each fault is a registry record (a variant with another ``
 
 from __future__ import annotations
 
-import pytest
-
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from conformance.variants import REGISTRY, Variant
 
