@@ -47,8 +47,10 @@ def expand(
     kinds: frozenset[str] | None = None,
     variant_filter: Any = None,
     model_filter: Any = None,
+    dtypes: tuple[str, ...] | None = None,
 ) -> list[tuple[Case, str | None]]:
-    """(case, skip reason or None) for every applicable combination, in a stable order."""
+    """(case, skip reason or None) for every applicable combination, in a stable order; `dtypes`
+    replaces the run's dtypes for a check that runs in its own (float64 agreement)."""
     out = []
     for model in selection.models:
         if kinds is not None and model.kind not in kinds:
@@ -60,7 +62,7 @@ def expand(
                 continue
             if variant_filter is not None and not variant_filter(variant):
                 continue
-            for dtype in selection.dtypes:
+            for dtype in dtypes or selection.dtypes:
                 reason = variant.needs.unmet(selection.env, dtype)
                 for padding in paddings or (None,):
                     out.append((Case(model, variant, dtype, padding), reason))

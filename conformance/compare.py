@@ -53,36 +53,96 @@ def golden_defined(golden: Any, real: Any) -> str | None:
     return None
 
 
+def reference_envelope(dtype: str, scale: float) -> float:
+    """How far the plain same-dtype path may be from golden: an absolute envelope, a measured
+    multiple of eps(dtype) x max|golden| (tolerances.REFERENCE_ENVELOPE_ULPS)."""
+    return tolerances.reference_envelope_ulps(dtype) * eps(dtype) * scale
+
+
+def reference_verdict(
+    reference: Any, golden: Any, real: Any, dtype: str, model: str
+) -> tuple[str | None, dict[str, float]]:
+    """REF: the plain same-dtype path itself within its envelope of golden, on real tokens. Its
+    bound does not depend on the reference's own error, so a broken plain path fails here."""
+    sel = real[..., None].expand_as(golden)
+    ref_err = float((reference - golden).abs()[sel].max())
+    scale = float(golden.abs()[sel].max())
+    envelope = reference_envelope(dtype, scale)
+    figures = {"ref_max_abs_err": ref_err, "ref_envelope": envelope,
+               "ref_ulps": ref_err / (eps(dtype) * scale) if scale > 0 else 0.0,
+               "ref_over_envelope": ref_err / envelope if envelope > 0 else float("inf")}
+    if ref_err > envelope:
+        flat = (reference - golden).abs().masked_fill(~real[..., None], 0).argmax()
+        return (f"REF failure: plain eager {dtype} on {model}: max|reference - golden| = "
+                f"{ref_err:.3g} > envelope {envelope:.3g} (= "
+                f"{tolerances.reference_envelope_ulps(dtype):g} x eps({dtype}) x max|golden| "
+                f"{scale:.3g}) at {_where(flat // golden.shape[-1], golden.shape[:-1])}", figures)
+    return None, figures
+
+
 def kernel_verdict(
     variant: Any, reference: Any, golden: Any, real: Any, dtype: str
 ) -> tuple[str | None, dict[str, float]]:
-    """max|variant - golden| <= K * max|reference - golden| + floor, on real tokens."""
+    """max|variant - golden| <= K * min(max|reference - golden|, envelope) + floor, on real
+    tokens: the reference's error counts only up to its own envelope, so a broken plain path (or
+    a bug shared with it) never widens a variant's bound."""
     tol = tolerances.kernel(dtype)
     sel = real[..., None].expand_as(golden)
     err = (variant - golden).abs()[sel]
-    ref_err = (reference - golden).abs()[sel]
+    ref_err = float((reference - golden).abs()[sel].max())
     scale = float(golden.abs()[sel].max())
+    envelope = reference_envelope(dtype, scale)
+    used = min(ref_err, envelope)
     floor = tol.floor_ulps * eps(dtype) * scale
-    bound = tol.k * float(ref_err.max()) + floor
+    bound = tol.k * used + floor
     worst = float(err.max())
     figures = {
         "max_abs_err": worst,
-        "ref_max_abs_err": float(ref_err.max()),
+        "ref_max_abs_err": ref_err,
+        "ref_envelope": envelope,
+        "ref_ulps": ref_err / (eps(dtype) * scale) if scale > 0 else 0.0,
         "bound": bound,
         "err_over_bound": worst / bound if bound > 0 else float("inf"),
-        "err_over_ref_err": worst / float(ref_err.max()) if float(ref_err.max()) > 0 else 0.0,
+        "err_over_ref_err": worst / ref_err if ref_err > 0 else 0.0,
         "golden_max_abs": scale,
         "k": tol.k,
         "floor": floor,
     }
     if worst > bound:
         flat = (variant - golden).abs().masked_fill(~real[..., None], 0).argmax()
+        capped = " (capped at its envelope)" if used < ref_err else ""
         return (
             f"max|variant - golden| = {worst:.3g} > bound {bound:.3g} "
-            f"(= {tol.k} x reference error {float(ref_err.max()):.3g} + floor {floor:.3g}) "
+            f"(= {tol.k} x reference error {used:.3g}{capped} + floor {floor:.3g}) "
             f"at {_where(flat // golden.shape[-1], golden.shape[:-1])}",
             figures,
         )
+    return None, figures
+
+
+def agreement_verdict(
+    out: Any, golden: Any, real: Any, ulps: float, what: str
+) -> tuple[str | None, dict[str, float]]:
+    """Two implementations in float64 on real tokens: max|out - golden| <= ulps x eps(fp64) x
+    max|golden|. No reference error enters: float64 leaves nothing for a wrong integration to
+    hide in (a wrong mask shows as 1e-1 against 1e-12)."""
+    import torch
+
+    sel = real[..., None].expand_as(golden)
+    if (sel & torch.isfinite(golden) & ~torch.isfinite(out)).any():
+        rows = sorted({int(r) for r in (real[..., None] & ~torch.isfinite(out)).nonzero()[:, 0]})
+        return f"{what}: non-finite output on real tokens of rows {rows} where eager is finite", {}
+    scale = float(golden.abs()[sel].max())
+    bound = ulps * eps("fp64") * scale
+    worst = float((out - golden).abs()[sel].max())
+    figures = {"max_abs_err": worst, "bound": bound, "golden_max_abs": scale,
+               "ulps": worst / (eps("fp64") * scale) if scale > 0 else 0.0,
+               "err_over_bound": worst / bound if bound > 0 else float("inf")}
+    if worst > bound:
+        flat = (out - golden).abs().masked_fill(~real[..., None], 0).argmax()
+        return (f"{what}: max|difference| = {worst:.3g} > float64 envelope {bound:.3g} (= {ulps:g} x "
+                f"eps(fp64) x max|golden| {scale:.3g}) at "
+                f"{_where(flat // golden.shape[-1], golden.shape[:-1])}", figures)
     return None, figures
 
 

@@ -81,7 +81,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{claim}: checks documented claim {claim} (SPEC.md)")
     config.addinivalue_line("markers", "smoke: one model through each variant (floor-stack smoke run)")
     config.addinivalue_line("markers", "cases(paddings=None, kinds=None, variant_filter=None, "
-                                       "model_filter=None): how a check expands")
+                                       "model_filter=None, dtypes=None): how a check expands")
     config.addinivalue_line("markers", "budget: speed/memory budget checks (run with -m budget "
                                        "or --budgets FILE; left out otherwise)")
     _load_hypothesis_profile(config)

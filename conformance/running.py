@@ -141,11 +141,14 @@ class ModelCache:
             self._outputs[key] = forward_per_row(loaded, batch) if per_row else forward(loaded, batch)
         return self._outputs[key]
 
-    def golden(self, zoo_model: ZooModel, variant: Variant, dtype: str) -> Loaded:
-        """`variant` in float64 on CPU; for half dtypes on a GPU, in float32 on that GPU."""
+    def golden(self, zoo_model: ZooModel, dtype: str) -> Loaded:
+        """The golden run's model: eager in float64 on CPU; for half dtypes on a GPU, eager in
+        float32 on that GPU with TF32 off (variants.GOLDEN_DEVICE)."""
+        from conformance.variants import GOLDEN, GOLDEN_DEVICE
+
         if self.device != "cpu" and dtype in ("fp16", "bf16"):
-            return self.get(zoo_model, variant, "fp32")
-        return self.get(zoo_model, variant, "fp64", device="cpu")
+            return self.get(zoo_model, GOLDEN_DEVICE, "fp32")
+        return self.get(zoo_model, GOLDEN, "fp64", device="cpu")
 
 
 def forward_per_row(loaded: Loaded, batch: BatchSpec) -> Any:

@@ -13,6 +13,7 @@ from conformance import compare
 from conformance.cases import Case
 from conformance.checks import (
     dtype_honoured,
+    golden_outputs,
     keep_worst,
     load_or_fail,
     max_len,
@@ -32,13 +33,17 @@ def test_logits(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) ->
     @given(batch=batch_specs(padding=case.padding, max_len=max_len(reference)))
     def check(batch: BatchSpec) -> None:
         note(reproduction(case, batch, variant.device))
-        expected = model_cache.outputs(golden, batch, per_row=case.model.kind == "decoder")
+        expected = golden_outputs(model_cache, golden, batch)
         plain = model_cache.outputs(reference, batch)
         out = run_proven(variant, batch, metrics)
         real = batch.mask().bool()
         problem = compare.finiteness(out, plain, expected, real)
         assert problem is None, f"{case.id}: {problem}"
-        if case.variant.tolerance == "kernel":
+        if case.variant.reference:  # REF: the plain path itself, within its envelope of golden
+            problem, figures = compare.reference_verdict(out, expected, real, case.dtype,
+                                                         case.model.name)
+            metrics["max_ref_ulps"] = max(metrics.get("max_ref_ulps", 0.0), figures["ref_ulps"])
+        elif case.variant.tolerance == "kernel":
             problem, figures = compare.kernel_verdict(out, plain, expected, real, case.dtype)
         else:
             problem, figures = compare.quant_verdict(out, expected, real, case.dtype,

@@ -14,7 +14,7 @@ from conformance import footprint, quality, tolerances
 from conformance.cases import Case
 from conformance.checks import unrefused
 from conformance.running import Loaded, LoadError, ModelCache, load
-from conformance.variants import GOLDEN, GOLDEN_EAGER, REFERENCE, REGISTRY, Variant
+from conformance.variants import GOLDEN, REFERENCE, REGISTRY, Variant
 
 
 def _quantized(variant: Variant) -> bool:
@@ -118,12 +118,11 @@ def test_quantized_quality(case: Case, model_cache: ModelCache, metrics: dict[st
     embedding cosine (encoders) against the golden run, within the scheme's measured bounds."""
     scheme = case.variant.tolerance
     bound = tolerances.quality(scheme, case.variant.id)
-    try:  # float64 on CPU wherever the device; models without SDPA take the eager golden run
+    try:  # eager in float64 on CPU wherever the device (variants.GOLDEN)
         golden = model_cache.get(case.model, GOLDEN, "fp64", device="cpu")
     except LoadError as exc:
-        if not exc.refused:
-            pytest.fail(str(exc), pytrace=False)
-        golden = _get(model_cache, case, GOLDEN_EAGER, dtype="fp64", device="cpu")
+        pytest.fail(f"the golden run (eager, float64) cannot load {case.model.name}: {exc}",
+                    pytrace=False)
     variant = _get(model_cache, case, case.variant)
     location = case.model.location
     if case.model.kind == "decoder":

@@ -22,7 +22,7 @@ import pytest
 
 from conformance import compare, roundtrip
 from conformance.cases import Case
-from conformance.checks import attempt, load_or_fail
+from conformance.checks import attempt, golden_outputs, load_or_fail
 from conformance.running import Loaded, LoadError, ModelCache, forward, load
 from conformance.strategies import BatchSpec
 from conformance.variants import REFERENCE, REGISTRY, Variant
@@ -199,7 +199,7 @@ def test_save_load(case: Case, model_cache: ModelCache, metrics: dict[str, Any],
     if refused:
         pytest.skip(f"checkpoints equal; {other} refused the batch: {refused}")
     real = BATCH.mask().bool()
-    gold = model_cache.outputs(golden, BATCH, per_row=case.model.kind == "decoder")
+    gold = golden_outputs(model_cache, golden, BATCH)
     plain = model_cache.outputs(reference, BATCH)
     problem = compare.finiteness(out, plain, gold, real)
     if problem is None:

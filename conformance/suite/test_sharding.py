@@ -22,7 +22,7 @@ import pytest
 
 from conformance import compare, placement
 from conformance.cases import Case
-from conformance.checks import load_or_fail
+from conformance.checks import golden_outputs, load_or_fail
 from conformance.gpus import gpu_count
 from conformance.running import Loaded, LoadError, ModelCache
 
@@ -59,7 +59,7 @@ def _close(case: Case, cache: ModelCache) -> Any:
     tolerance, as test_logits judges a variant."""
     variant, reference, golden = load_or_fail(cache, case)
     batch = placement.FORWARD_BATCH
-    expected = cache.outputs(golden, batch, per_row=case.model.kind == "decoder")
+    expected = golden_outputs(cache, golden, batch)
     real = batch.mask().bool()
 
     def verdict(out: Any, single: Any) -> tuple[str | None, dict[str, Any]]:
