@@ -50,8 +50,8 @@ def caught(model: str, dtype: str, epsilon: float, workdir: Path) -> tuple[bool,
     from faults import _hook_first_layer
 
     from conformance import compare, running, zoo
-    from conformance.strategies import BatchSpec
     from conformance.checks import golden_per_row
+    from conformance.strategies import BatchSpec
     from conformance.variants import REGISTRY
 
     zoo_model = zoo.resolve(model, zoo.default_zoo())

@@ -50,6 +50,15 @@ def test_generation(case: Case, model_cache: ModelCache, metrics: dict[str, Any]
         metrics["tokens_compared"] += compared
         metrics["batches"] += 1
         metrics["divergences"] += [vars(d) | {"near_tie": d.near_tie} for d in found]
+        departures, _ = generation.golden_departures(variant, reference, golden, rows, var_tokens, eos)
+        metrics["golden_departures"] = metrics.get("golden_departures", []) + [
+            vars(d) | {"near_tie": d.near_tie} for d in departures]
+        for d in departures:  # the independent judge: golden decoding of the same prefix
+            assert d.near_tie, (
+                f"{case.id}: row {d.row} step {d.step}: generate picked token {d.variant_token} "
+                f"where the golden run (eager float64, each row alone, no cache) picks "
+                f"{d.reference_token} by margin {d.margin:.3g}, beyond the near-tie threshold "
+                f"{d.threshold:.3g} (2 x the path's allowed error)")
         for d in found:
             assert d.near_tie, (
                 f"{case.id}: row {d.row} diverged at step {d.step}: reference picked token "

@@ -212,8 +212,10 @@ def test_cache_consistency(case: Case, cache_kind: str, model_cache: ModelCache,
     metrics["cache"] = cache_kind
 
     @fewer_examples()
-    @given(batch=st.sampled_from(("none", "left")).flatmap(
-        lambda side: batch_specs(padding=side, max_len=min(CACHE_MAX_LEN, longest))), data=st.data())
+    # left padding always (a one-row batch is the unpadded case): with the side drawn, a case could
+    # see no padded cached decoding at all in its few examples (measured: a planted use_cache=False
+    # mask fault passed the ci profile that way)
+    @given(batch=batch_specs(padding="left", max_len=min(CACHE_MAX_LEN, longest)), data=st.data())
     def check(batch: BatchSpec, data: st.DataObject) -> None:
         note(reproduction(case, batch, variant.device))
         width = batch.width
