@@ -141,3 +141,61 @@ def test_expectation_patterns_match_fragments_and_globs(tmp_path: Path) -> None:
     assert matches(glob, "x.py::test_cache_consistency[llama-bnb_nf4-fp32-nopad-static]")
     assert not matches(glob, "x.py::test_cache_consistency[llama-bnb_nf4-bf16-nopad-static]")
     assert not matches(glob, "x.py::test_logits[llama-bnb_nf4-fp32-nopad]")
+
+
+def _golden_and_real() -> tuple[torch.Tensor, torch.Tensor]:
+    golden = torch.linspace(-4, 4, 2 * 3 * 8, dtype=torch.float64).reshape(2, 3, 8)
+    return golden, torch.ones(2, 3, dtype=torch.bool)
+
+
+def test_a_broken_reference_never_widens_a_variants_bound() -> None:
+    """The bound uses the reference error capped at its envelope: a reference off by 1.0 (a bug it
+    shares with the variant) gives the variant the same bound as a reference at its envelope."""
+    golden, real = _golden_and_real()
+    envelope = compare.reference_envelope("fp32", float(golden.abs().max()))
+    at_envelope = golden + envelope
+    broken = golden + 1.0
+    _, capped = compare.kernel_verdict(golden + 1.0, broken, golden, real, "fp32")
+    _, healthy = compare.kernel_verdict(golden, at_envelope, golden, real, "fp32")
+    assert capped["bound"] == pytest.approx(healthy["bound"])
+    problem, _ = compare.kernel_verdict(golden + 1.0, broken, golden, real, "fp32")
+    assert problem is not None and "capped at its envelope" in problem
+
+
+def test_reference_verdict_fails_outside_its_envelope_only() -> None:
+    golden, real = _golden_and_real()
+    envelope = compare.reference_envelope("fp32", float(golden.abs().max()))
+    assert compare.reference_verdict(golden + 0.5 * envelope, golden, real, "fp32", "m")[0] is None
+    problem, figures = compare.reference_verdict(golden + 2 * envelope, golden, real, "fp32", "m")
+    assert problem is not None and problem.startswith("REF failure: plain eager fp32 on m")
+    assert figures["ref_over_envelope"] == pytest.approx(2.0)
+
+
+def test_float64_agreement_verdict_bounds_in_fp64_ulps() -> None:
+    golden, real = _golden_and_real()
+    eps64 = torch.finfo(torch.float64).eps
+    assert compare.agreement_verdict(golden + 4 * eps64 * 4, golden, real, 16, "x")[0] is None
+    problem, _ = compare.agreement_verdict(golden + 1e-9, golden, real, 16, "x")
+    assert problem is not None and "float64 envelope" in problem
+    nan = golden.clone()
+    nan[0, 0, 0] = float("nan")
+    assert "non-finite" in compare.agreement_verdict(nan, golden, real, 16, "x")[0]
+
+
+def test_envelopes_are_twice_their_measurement() -> None:
+    """Each envelope is 2 x the worst measured figure, rounded up (tolerances.py says where)."""
+    measured = {"fp32": 36.0, "bf16": 14.4}
+    for dtype, worst in measured.items():
+        assert 2 * worst <= tolerances.REFERENCE_ENVELOPE_ULPS[dtype] <= 2.5 * worst
+    assert 2 * 7.9 <= tolerances.FLOAT64_AGREEMENT_ULPS["default"] <= 2.5 * 7.9
+    assert 2 * 3.0e9 <= tolerances.FLOAT64_AGREEMENT_ULPS["eager"] <= 2.5 * 3.0e9
+
+
+def test_golden_context_keeps_softmax_in_float64_and_restores_defaults() -> None:
+    x = torch.randn(3, 5, dtype=torch.float64)
+    with variants.GOLDEN.context():
+        assert torch.get_default_dtype() == torch.float64
+        inside = torch.nn.functional.softmax(x, dim=-1, dtype=torch.float32)
+    assert inside.dtype == torch.float64
+    assert torch.get_default_dtype() == torch.float32
+    assert torch.nn.functional.softmax(x, dim=-1, dtype=torch.float32).dtype == torch.float32
