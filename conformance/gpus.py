@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from conformance.session import asked, selection
+
 # Self-tests only: pretend this many GPUs are visible (the assignment is tested on CPU machines).
 FAKE_GPU_COUNT = "CONFORMANCE_FAKE_GPU_COUNT"
 GPU_LIST = "conformance_gpus"  # workerinput key: the controller's visible GPUs
@@ -93,6 +95,8 @@ def pin_worker(workerinput: dict[str, Any], device_option: str | None) -> dict[s
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
+    if not asked(config):
+        return
     config.addinivalue_line(
         "markers", f"multi_gpu(n=2): needs n CUDA GPUs at once; runs in the serial phase ({SERIAL_PHASE})")
     workerinput = getattr(config, "workerinput", None)
@@ -109,15 +113,6 @@ def _visible(config: pytest.Config) -> list[str]:
     return config.stash[VISIBLE]
 
 
-@pytest.hookimpl(tryfirst=True, optionalhook=True)
-def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
-    """-n auto: one worker per visible GPU; without GPUs, xdist's own choice (CPU cores)."""
-    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
-        return None  # the user's explicit choice, honoured by xdist's own hook
-    count = len(_visible(config))
-    return count or None
-
-
 def model_scope(nodeid: str, models: list[str]) -> str | None:
     """The model a test id is about ("test_logits[tiny-llama-trained-sdpa-fp32]" ->
     "tiny-llama-trained"), or None for a test that is about no model."""
@@ -128,40 +123,54 @@ def model_scope(nodeid: str, models: list[str]) -> str | None:
     return None
 
 
-@pytest.hookimpl(tryfirst=True, optionalhook=True)
-def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """--dist load (what -n implies): every test of one model goes to the same worker.
+class XdistHooks:
+    """The xdist hooks, registered only when xdist is installed and the suite was asked for (as
+    pytest-randomly does): another project's `-n auto` keeps xdist's own choice."""
 
-    Each worker then loads each model (and computes its golden outputs) once, as a serial run
-    does; plain load scheduling interleaves models, and each switch empties the model cache.
-    Any other --dist mode is xdist's own.
-    """
-    if config.getoption("dist", None) != "load":
-        return None
-    from xdist.scheduler import LoadScopeScheduling
+    @pytest.hookimpl(tryfirst=True, optionalhook=True)
+    def pytest_xdist_auto_num_workers(self, config: pytest.Config) -> int | None:
+        """-n auto: one worker per visible GPU; without GPUs, xdist's own choice (CPU cores)."""
+        if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+            return None  # the user's explicit choice, honoured by xdist's own hook
+        count = len(_visible(config))
+        return count or None
 
-    from conformance.plugin import selection
+    @pytest.hookimpl(tryfirst=True, optionalhook=True)
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
+        """--dist load (what -n implies): every test of one model goes to the same worker.
 
-    models = [model.name for model in selection(config).models]
+        Each worker then loads each model (and computes its golden outputs) once, as a serial run
+        does; plain load scheduling interleaves models, and each switch empties the model cache.
+        Any other --dist mode is xdist's own.
+        """
+        if config.getoption("dist", None) != "load":
+            return None
+        from xdist.scheduler import LoadScopeScheduling
 
-    class ModelScheduling(LoadScopeScheduling):  # type: ignore[misc]
-        def _split_scope(self, nodeid: str) -> str:
-            return model_scope(nodeid, models) or super()._split_scope(nodeid)
+        models = [model.name for model in selection(config).models]
 
-    return ModelScheduling(config, log)
+        class ModelScheduling(LoadScopeScheduling):  # type: ignore[misc]
+            def _split_scope(self, nodeid: str) -> str:
+                return model_scope(nodeid, models) or super()._split_scope(nodeid)
+
+        return ModelScheduling(config, log)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        """Controller side: tell each worker which GPUs there are before it starts."""
+        node.workerinput[GPU_LIST] = _visible(node.config)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        record = getattr(node, "workeroutput", {}).get(PIN)
+        if record is not None:
+            node.config.stash.setdefault(PINS, {})[record["worker"]] = record
 
 
-@pytest.hookimpl(optionalhook=True)
-def pytest_configure_node(node: Any) -> None:
-    """Controller side: tell each worker which GPUs there are before it starts."""
-    node.workerinput[GPU_LIST] = _visible(node.config)
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node: Any, error: Any) -> None:
-    record = getattr(node, "workeroutput", {}).get(PIN)
-    if record is not None:
-        node.config.stash.setdefault(PINS, {})[record["worker"]] = record
+def register_xdist_hooks(config: pytest.Config) -> None:
+    manager = config.pluginmanager
+    if manager.hasplugin("xdist") and manager.get_plugin("conformance-xdist") is None:
+        config.pluginmanager.register(XdistHooks(), "conformance-xdist")
 
 
 def worker_pins(config: pytest.Config) -> dict[str, dict[str, Any]]:
@@ -170,6 +179,8 @@ def worker_pins(config: pytest.Config) -> dict[str, dict[str, Any]]:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
+    if not asked(config):
+        return []
     workers = getattr(config.option, "numprocesses", None)
     if not workers or getattr(config.option, "dist", "no") == "no":
         return []
@@ -182,6 +193,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """multi_gpu(n) checks skip, with the reason, in a pinned worker or below n GPUs."""
+    if not asked(config):
+        return
     wanted = [(item, item.get_closest_marker("multi_gpu")) for item in items]
     wanted = [(item, marker) for item, marker in wanted if marker is not None]
     if not wanted:

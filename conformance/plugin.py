@@ -15,6 +15,7 @@ import pytest
 from conformance import profiles as _profiles
 from conformance.compat import DTYPE_NAMES
 from conformance.report import Record, Report, not_applicable
+from conformance.session import USER_MODELS, asked, decide, selection
 
 # xdist: one worker per GPU, each pinned to its own; multi_gpu checks (conformance/gpus.py)
 pytest_plugins = ["conformance.gpus"]
@@ -22,9 +23,7 @@ pytest_plugins = ["conformance.gpus"]
 CLAIM_RE = re.compile(r"^(C\d\d|REF|EXT)$")
 # EXT: an optimized path the documentation set covers beyond SPEC's claims (torch.compile)
 CLAIM_IDS = [f"C{n:02d}" for n in range(1, 17)] + ["REF", "EXT"]
-SELECTION = pytest.StashKey["Any"]()
 PROFILE = pytest.StashKey[str]()
-USER_MODELS = pytest.StashKey["tuple[Any, ...]"]()
 EXPECTATIONS = pytest.StashKey["tuple[list[Any], list[Any]]"]()
 UNMATCHED = pytest.StashKey["list[Any]"]()
 BUDGETS = pytest.StashKey["list[Any]"]()  # conformance.budgets.Budget, from --budgets or shipped
@@ -67,13 +66,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser,
                                   args: list[str]) -> None:
-    """`--conformance-report /abs/dir` must not move the rootdir (conformance/rootdir.py)."""
+    """`--conformance-report /abs/dir` must not move the rootdir (conformance/rootdir.py); then
+    decide whether this run asked for the suite at all: if not, every hook stays quiet."""
     from conformance.rootdir import redetermine
 
     redetermine(early_config, args)
+    if decide(early_config):
+        from conformance.gpus import register_xdist_hooks
+
+        register_xdist_hooks(early_config)
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if not asked(config):  # another project's run: no environment, profile or import changes
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -155,29 +161,8 @@ def _validate_options(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--conformance-report {report_dir}: exists and is not a directory")
 
 
-def selection(config: pytest.Config) -> Any:
-    """Models x variants x dtypes for this run, decided once (imports torch on first use)."""
-    if SELECTION in config.stash:
-        return config.stash[SELECTION]
-    import torch
-
-    from conformance import variants, zoo
-    from conformance.cases import Selection
-    from conformance.environment import default_device, probe
-
-    torch.set_num_threads(config.getoption("threads") or 1)
-    env = probe(config.getoption("device") or default_device())
-    models = config.stash.get(USER_MODELS, None) or tuple(zoo.default_zoo())
-    chosen, _ = variants.select(config.getoption("variant"))
-    dtypes = tuple(config.getoption("dtype")) or (
-        ("fp32", "bf16") if env.kind == "cpu" else ("fp16", "bf16", "fp32")
-    )
-    config.stash[SELECTION] = Selection(tuple(models), tuple(chosen), dtypes, env)
-    return config.stash[SELECTION]
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "case" not in metafunc.fixturenames:
+    if "case" not in metafunc.fixturenames or not asked(metafunc.config):
         return
     from conformance.cases import expand
 
@@ -204,6 +189,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Apply expectation files. Expected failures of Hypothesis-driven checks become skips
     (xfail plus shrinking is slow and flaky); plain tests get a strict xfail."""
+    if not asked(config):
+        return
     from conformance.budgets import requested
     from conformance.expectations import matches
 
@@ -233,6 +220,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    if not asked(config):
+        return
     for entry in config.stash.get(UNMATCHED, []):
         terminalreporter.write_line(
             f"conformance: expectation {entry.where} {entry.pattern!r} matched no test",
@@ -301,7 +290,8 @@ def _info(item: pytest.Item) -> dict[str, Any]:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    _info(item)
+    if asked(item.config):
+        _info(item)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -312,6 +302,9 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: Any) -> Any:
     Which checks that hit depended on test order, so serial and xdist runs differed."""
     import sys
 
+    if not asked(item.config):
+        yield
+        return
     torch = sys.modules.get("torch")
     before = torch.get_default_dtype() if torch is not None else None
     yield
@@ -412,6 +405,8 @@ def _environment(config: pytest.Config) -> dict[str, Any]:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
+    if not asked(config):
+        return []
     from conformance.environment import package_versions
 
     versions = ", ".join(f"{k} {v}" for k, v in package_versions().items() if v)

@@ -174,3 +174,28 @@ def test_importing_fault_catalogues_leaves_the_registry_alone() -> None:
     for name in ("faults", "faults_quant", "faults_roundtrip", "faults_budget", "faults_offload"):
         importlib.import_module(name)
     assert set(REGISTRY) == before
+
+
+def test_plugin_is_quiet_in_another_project(pytester: pytest.Pytester,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the package installed, another project's plain `pytest` keeps its own Hypothesis
+    profile and environment, imports no torch, and sees no header or report from us."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)
+    pytester.makeconftest(
+        "from hypothesis import settings\n"
+        "settings.register_profile('mine', max_examples=3)\n"
+        "settings.load_profile('mine')\n")
+    pytester.makepyfile(test_theirs=(
+        "import os, sys\n"
+        "from hypothesis import settings\n"
+        "def test_untouched():\n"
+        "    assert settings.default.max_examples == 3\n"
+        "    assert 'HF_HUB_OFFLINE' not in os.environ\n"
+        "    assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    ours = [line for line in result.stdout.lines if line.startswith("conformance")]
+    assert not ours, ours  # pytest's own "plugins:" line names the package; we print nothing
