@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from conformance.checkpoints import checkpoint_problem
 from conformance.compat import dtype_kwarg, parse_dtype
 from conformance.probes import OpCounter
 from conformance.strategies import BatchSpec
@@ -69,8 +70,6 @@ def load(zoo_model: ZooModel, variant: Variant, dtype: str, device: str, workdir
         verb = "refuses" if refused else "failed"
         detail = f"{type(exc).__name__}: {first[:300]}"
         if not refused:  # a damaged checkpoint is named as such, not by the library's symptom
-            from conformance.roundtrip import checkpoint_problem
-
             cause = checkpoint_problem(zoo_model, workdir)
             detail = f"{cause} ({type(exc).__name__})" if cause else detail
         message = f"{variant.id} {verb} {zoo_model.name} in {dtype}: {detail}"

@@ -110,8 +110,13 @@ def resolve(spec: str, zoo: list[ZooModel]) -> ZooModel:
             model_type = json.loads(config.read_text())["model_type"]
         except (json.JSONDecodeError, KeyError) as exc:
             raise ZooError(f"--model {spec}: unreadable config.json ({exc})") from None
-        return ZooModel(path.resolve().name, kind_of(model_type, f"--model {spec}"), "user",
-                        str(path.resolve()), trained=True)
+        kind = kind_of(model_type, f"--model {spec}")
+        from conformance.checkpoints import has_weights
+
+        if not has_weights(path):
+            raise ZooError(f"--model {spec}: {path} has a config.json but no weights "
+                           "(model.safetensors, pytorch_model.bin or a sharded index)")
+        return ZooModel(path.resolve().name, kind, "user", str(path.resolve()), trained=True)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ZooError(f"--model {spec}: no such directory")
     cached = _hub_cached_config(spec)

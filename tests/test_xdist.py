@@ -72,12 +72,12 @@ def test_auto_workers_is_the_gpu_count_else_xdists_choice(pytester: pytest.Pytes
     monkeypatch.delenv("PYTEST_XDIST_AUTO_NUM_WORKERS", raising=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv(gpus.FAKE_GPU_COUNT, "4")
-    assert gpus.pytest_xdist_auto_num_workers(config) == 4
+    assert gpus.XdistHooks().pytest_xdist_auto_num_workers(config) == 4
     monkeypatch.setenv(gpus.FAKE_GPU_COUNT, "0")
     fresh = pytester.parseconfig()
-    assert gpus.pytest_xdist_auto_num_workers(fresh) is None  # xdist counts CPU cores
+    assert gpus.XdistHooks().pytest_xdist_auto_num_workers(fresh) is None  # xdist counts CPU cores
     monkeypatch.setenv("PYTEST_XDIST_AUTO_NUM_WORKERS", "3")
-    assert gpus.pytest_xdist_auto_num_workers(pytester.parseconfig()) is None  # the user's choice
+    assert gpus.XdistHooks().pytest_xdist_auto_num_workers(pytester.parseconfig()) is None  # the user's choice
 
 
 def test_pin_respects_explicit_device_and_refuses_after_cuda_init(
