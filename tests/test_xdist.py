@@ -76,8 +76,8 @@ def test_auto_workers_is_the_gpu_count_else_xdists_choice(pytester: pytest.Pytes
     monkeypatch.setenv(gpus.FAKE_GPU_COUNT, "0")
     fresh = pytester.parseconfig()
     assert gpus.XdistHooks().pytest_xdist_auto_num_workers(fresh) is None  # xdist counts CPU cores
-    monkeypatch.setenv("PYTEST_XDIST_AUTO_NUM_WORKERS", "3")
-    assert gpus.XdistHooks().pytest_xdist_auto_num_workers(pytester.parseconfig()) is None  # the user's choice
+    monkeypatch.setenv("PYTEST_XDIST_AUTO_NUM_WORKERS", "3")  # the user's choice wins
+    assert gpus.XdistHooks().pytest_xdist_auto_num_workers(pytester.parseconfig()) is None
 
 
 def test_pin_respects_explicit_device_and_refuses_after_cuda_init(
