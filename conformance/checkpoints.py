@@ -9,13 +9,6 @@ from typing import Any
 
 from conformance.zoo import ZooModel
 
-WEIGHT_FILES = ("*.safetensors", "*.bin", "*.index.json", "*.pt", "*.pth")
-
-
-def has_weights(path: Path) -> bool:
-    """Whether a checkpoint directory holds any weights file from_pretrained could read."""
-    return any(any(path.glob(pattern)) for pattern in WEIGHT_FILES)
-
 
 def checkpoint_problem(zoo_model: ZooModel, workdir: Path) -> str | None:
     """Why a checkpoint directory cannot load, in one line, or None when it looks intact.

@@ -111,8 +111,6 @@ def resolve(spec: str, zoo: list[ZooModel]) -> ZooModel:
         except (json.JSONDecodeError, KeyError) as exc:
             raise ZooError(f"--model {spec}: unreadable config.json ({exc})") from None
         kind = kind_of(model_type, f"--model {spec}")
-        from conformance.checkpoints import has_weights
-
         if not has_weights(path):
             raise ZooError(f"--model {spec}: {path} has a config.json but no weights "
                            "(model.safetensors, pytorch_model.bin or a sharded index)")
@@ -128,6 +126,14 @@ def resolve(spec: str, zoo: list[ZooModel]) -> ZooModel:
     model_type = json.loads(Path(cached).read_text()).get("model_type", "?")
     return ZooModel(spec.replace("/", "--"), kind_of(model_type, f"--model {spec}"), "user", spec,
                     trained=True)
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.index.json", "*.pt", "*.pth")
+
+
+def has_weights(path: Path) -> bool:
+    """Whether a checkpoint directory holds any weights file from_pretrained could read."""
+    return any(any(path.glob(pattern)) for pattern in WEIGHT_FILES)
 
 
 def _hub_cached_config(repo_id: str) -> str | None:
