@@ -30,9 +30,12 @@ def _static_cache(loaded: Loaded, batch: int, max_len: int) -> Any:
     from transformers import StaticCache
 
     params = inspect.signature(StaticCache.__init__).parameters
+    first = next(loaded.model.parameters())
     if "batch_size" in params:  # transformers 4.x: sized and placed up front
-        first = next(loaded.model.parameters())
         return StaticCache(config=loaded.model.config, batch_size=batch, max_cache_len=max_len,
+                           device=first.device, dtype=first.dtype)
+    if "max_batch_size" in params:  # transformers 4.38 .. 4.44: the batch is max_batch_size
+        return StaticCache(config=loaded.model.config, max_batch_size=batch, max_cache_len=max_len,
                            device=first.device, dtype=first.dtype)
     return StaticCache(config=loaded.model.config, max_cache_len=max_len)
 
