@@ -19,6 +19,8 @@ def static_cache_reason(loaded: Loaded) -> str | None:
     """Why this model cannot take a static cache here, or None."""
     model = loaded.model
     supported = getattr(model, "_supports_static_cache", None)  # transformers < 4.50 spelling
+    if supported is None and callable(getattr(model, "_setup_cache", None)):
+        supported = True  # transformers 4.38 .. 4.40: generate's own test for a static cache
     if supported is None:
         supported = getattr(model, "_can_compile_fullgraph", False)
     if not supported:

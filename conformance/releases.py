@@ -37,12 +37,27 @@ def is_suite_error(record: dict[str, Any]) -> bool:
 
 
 def figure(record: dict[str, Any]) -> str | None:
-    """The failure message's figure (max|difference| and the like), as the message prints it."""
+    """The failure message's figure (max|difference| and the like), as the message prints it;
+    the recorded worst figure where the message has none (Hypothesis' multi-failure group)."""
     found = FIGURE.search(record.get("reason") or "")
     if found:
         return found.group(1)
+    return worst_figure(record)
+
+
+def worst_figure(record: dict[str, Any]) -> str | None:
+    """The largest max|difference| over the check's examples (metrics), not the shrunk one."""
     value = (record.get("metrics") or {}).get("max_abs_diff")
     return None if value is None else f"{float(value):.3g}"
+
+
+def describe(record: dict[str, Any]) -> str:
+    text = f"{record.get('nodeid')}: {figure(record) or '?'}"
+    metrics = record.get("metrics") or {}
+    worst = worst_figure(record)
+    if worst is not None and "examples" in metrics:
+        text += f" (worst of {metrics['examples']} examples: {worst})"
+    return text
 
 
 @dataclass
@@ -141,15 +156,18 @@ def replay_row(case: dict[str, Any], root: str | Path) -> ReplayRow:
     if buggy.missing or fixed.missing:
         return ReplayRow(case["case"], "NOT CAUGHT", buggy, fixed,
                          buggy.missing or fixed.missing or "", ok=bool(gap))
+    record, _ = buggy.worst_failure()
     if errors:
         first = errors[0]
-        return ReplayRow(case["case"], "SUITE ERROR", buggy, fixed,
-                         f"{first.get('nodeid')}: {_short(first.get('reason', ''))}", ok=False)
-    record, value = buggy.worst_failure()
+        role = "buggy" if first in buggy.suite_errors else "fixed"
+        detail = f"{role} {case[role]}: {first.get('nodeid')}: {_short(first.get('reason', ''))}"
+        if record is not None:
+            detail = f"buggy failed {describe(record)}; {detail}"
+        return ReplayRow(case["case"], "SUITE ERROR", buggy, fixed, detail, ok=False)
     buggy_failed = record is not None
     fixed_passed = bool(fixed.passed) and not fixed.failed
     if buggy_failed and fixed_passed:
-        detail = f"{record.get('nodeid')}: {value if value is not None else '?'}"
+        detail = describe(record)
         if gap:
             detail += " (the case file records a gap: update it)"
         return ReplayRow(case["case"], "CAUGHT", buggy, fixed, detail, ok=True)
@@ -159,8 +177,8 @@ def replay_row(case: dict[str, Any], root: str | Path) -> ReplayRow:
                    + ("" if buggy.total else " (nothing ran)"))
     if not fixed_passed:
         if fixed.failed:
-            worst, value = fixed.worst_failure()
-            why.append(f"fixed {case['fixed']} failed {worst.get('nodeid')}: {value}")
+            worst, _ = fixed.worst_failure()
+            why.append(f"fixed {case['fixed']} failed {describe(worst)}")
         else:
             why.append(f"fixed {case['fixed']} passed nothing")
     if gap:
@@ -203,7 +221,7 @@ def _print_sweep(rows: list[tuple[str, Tally]]) -> None:
         for record in t.suite_errors:
             print(f"  suite error on {release}: {record.get('nodeid')}: {_short(record.get('reason', ''))}")
         for record in t.failed:
-            print(f"  failed on {release}: {record.get('nodeid')}: {figure(record)}")
+            print(f"  failed on {release}: {describe(record)}")
 
 
 def materialize(config: str | Path, outdir: str | Path) -> str:
@@ -238,9 +256,11 @@ def float64_causal_mask() -> bool:
     except ImportError:
         return False
     original = AttentionMaskConverter.__dict__.get("_make_causal_mask")
-    if original is None or getattr(original, "_conformance_guard", False):
+    if original is None:
         return False
     inner = original.__func__ if isinstance(original, staticmethod) else original
+    if getattr(inner, "_conformance_guard", False):
+        return False
 
     def guarded(input_ids_shape: Any, dtype: Any, device: Any, *args: Any, **kwargs: Any) -> Any:
         if dtype != torch.float64 or torch.get_default_dtype() == torch.float64:
