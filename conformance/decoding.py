@@ -19,6 +19,8 @@ def static_cache_reason(loaded: Loaded) -> str | None:
     """Why this model cannot take a static cache here, or None."""
     model = loaded.model
     supported = getattr(model, "_supports_static_cache", None)  # transformers < 4.50 spelling
+    if supported is None and callable(getattr(model, "_setup_cache", None)):
+        supported = True  # transformers 4.38 .. 4.40: generate's own test for a static cache
     if supported is None:
         supported = getattr(model, "_can_compile_fullgraph", False)
     if not supported:
@@ -29,12 +31,26 @@ def static_cache_reason(loaded: Loaded) -> str | None:
 def _static_cache(loaded: Loaded, batch: int, max_len: int) -> Any:
     from transformers import StaticCache
 
-    params = inspect.signature(StaticCache.__init__).parameters
+    params = _init_params(StaticCache)
+    first = next(loaded.model.parameters())
     if "batch_size" in params:  # transformers 4.x: sized and placed up front
-        first = next(loaded.model.parameters())
         return StaticCache(config=loaded.model.config, batch_size=batch, max_cache_len=max_len,
                            device=first.device, dtype=first.dtype)
+    if "max_batch_size" in params:  # transformers 4.38 .. 4.44: the batch is max_batch_size
+        return StaticCache(config=loaded.model.config, max_batch_size=batch, max_cache_len=max_len,
+                           device=first.device, dtype=first.dtype)
     return StaticCache(config=loaded.model.config, max_cache_len=max_len)
+
+
+def _init_params(cls: type) -> Any:
+    """The named parameters a class's constructor takes: transformers 4.54-4.56's StaticCache
+    takes (*args, **kwargs) and hands them to Cache.__init__, whose names say the spelling."""
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    for klass in cls.__mro__:
+        params = inspect.signature(klass.__init__).parameters
+        if any(p.kind not in variadic for name, p in params.items() if name != "self"):
+            return params
+    return inspect.signature(cls.__init__).parameters
 
 
 def incremental(loaded: Loaded, input_ids: Any, mask: Any, chunks: list[int], cache_kind: str) -> Any:

@@ -16,7 +16,7 @@ from typing import Any
 
 DECODER_TYPES = frozenset({
     "llama", "mistral", "mixtral", "falcon", "gpt2", "opt", "gpt_neox", "qwen2", "qwen3", "gemma",
-    "gemma2", "phi", "phi3", "gptj", "gpt_neo", "bloom", "starcoder2", "stablelm", "olmo",
+    "gemma2", "phi", "phi3", "gptj", "gpt_neo", "bloom", "starcoder2", "stablelm", "olmo", "nemotron",
 })
 ENCODER_TYPES = frozenset({
     "bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "camembert",
