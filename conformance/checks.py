@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from conformance.cases import Case
+from conformance.compare import reference_envelope
 from conformance.probes import OpCounter
 from conformance.running import Loaded, LoadError, ModelCache, forward
 from conformance.strategies import BatchSpec
@@ -16,15 +17,20 @@ from conformance.variants import REFERENCE, REGISTRY
 KERNEL_REFUSALS = ("No available kernel", "No viable backend")
 
 
+def load_golden(cache: ModelCache, model: Any, dtype: str) -> Loaded:
+    """The golden run's model for `dtype` (ModelCache.golden); never a fallback to a path under
+    test: a load that fails is one failure line naming the model."""
+    try:
+        return cache.golden(model, dtype)
+    except LoadError as exc:
+        pytest.fail(f"the golden run (eager) cannot load {model.name}: {exc}", pytrace=False)
+
+
 def load_or_fail(cache: ModelCache, case: Case) -> tuple[Loaded, Loaded, Loaded]:
     """(variant, same-dtype eager reference, golden); a load failure is one line, not a traceback."""
     eager = REGISTRY[REFERENCE]
+    golden = load_golden(cache, case.model, case.dtype)
     try:
-        try:
-            golden = cache.golden(case.model, case.dtype)
-        except LoadError as exc:  # never a fallback to a path under test: say why, once
-            pytest.fail(f"the golden run (eager, float64) cannot load {case.model.name}: {exc}",
-                        pytrace=False)
         reference = cache.get(case.model, eager, case.dtype)
         variant = cache.get(case.model, case.variant, case.dtype)
     except LoadError as exc:
@@ -36,12 +42,8 @@ def load_or_fail(cache: ModelCache, case: Case) -> tuple[Loaded, Loaded, Loaded]
 
 def load_or_fail_in(cache: ModelCache, case: Case, dtype: str) -> tuple[Loaded, Loaded]:
     """(variant loaded in `dtype`, golden) for a check that runs in a dtype of its own."""
+    golden = load_golden(cache, case.model, dtype)
     try:
-        try:
-            golden = cache.golden(case.model, dtype)
-        except LoadError as exc:
-            pytest.fail(f"the golden run (eager, float64) cannot load {case.model.name}: {exc}",
-                        pytrace=False)
         variant = cache.get(case.model, case.variant, dtype)
     except LoadError as exc:
         if exc.refused:
@@ -189,7 +191,5 @@ def reference_noise(
     plain = cache.outputs(reference, calibration, per_row=True)[real]
     finite = gold.isfinite() & plain.isfinite()
     noise, scale = float((plain - gold).abs()[finite].max()), float(gold.abs()[finite].max())
-    from conformance.compare import reference_envelope
-
     # capped at the reference's envelope: a broken plain path cannot inflate the noise unit
     return min(noise, reference_envelope(reference.dtype, scale)), scale

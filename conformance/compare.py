@@ -80,6 +80,15 @@ def reference_verdict(
     return None, figures
 
 
+def kernel_bound(ref_err: float, scale: float, dtype: str) -> tuple[float, float, float]:
+    """(bound, reference error used, floor): K * min(ref_err, envelope) + floor_ulps * eps * scale,
+    the one formula every kernel-class verdict (logits, generation's near ties) applies."""
+    tol = tolerances.kernel(dtype)
+    used = min(ref_err, reference_envelope(dtype, scale))
+    floor = tol.floor_ulps * eps(dtype) * scale
+    return tol.k * used + floor, used, floor
+
+
 def kernel_verdict(
     variant: Any, reference: Any, golden: Any, real: Any, dtype: str
 ) -> tuple[str | None, dict[str, float]]:
@@ -92,9 +101,7 @@ def kernel_verdict(
     ref_err = float((reference - golden).abs()[sel].max())
     scale = float(golden.abs()[sel].max())
     envelope = reference_envelope(dtype, scale)
-    used = min(ref_err, envelope)
-    floor = tol.floor_ulps * eps(dtype) * scale
-    bound = tol.k * used + floor
+    bound, used, floor = kernel_bound(ref_err, scale, dtype)
     worst = float(err.max())
     figures = {
         "max_abs_err": worst,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from conformance import tolerances
-from conformance.compare import eps
+from conformance.compare import kernel_bound
 from conformance.running import Loaded, _run, _tensors
 
 
@@ -65,12 +65,8 @@ def allowed_error(loaded: Loaded, reference: Loaded, golden: Loaded, prefix: Any
 
 def kernel_allowed(plain: Any, gold: Any, dtype: str) -> float:
     """K x the plain path's error on these logits, capped at its envelope, + floor."""
-    from conformance.compare import reference_envelope
-
-    tol = tolerances.kernel(dtype)
-    scale = float(gold.abs().max())
-    ref_err = min(float((plain - gold).abs().max()), reference_envelope(dtype, scale))
-    return tol.k * ref_err + tol.floor_ulps * eps(dtype) * scale
+    bound, _, _ = kernel_bound(float((plain - gold).abs().max()), float(gold.abs().max()), dtype)
+    return bound
 
 
 def golden_departures(

@@ -12,9 +12,9 @@ import pytest
 
 from conformance import footprint, quality, tolerances
 from conformance.cases import Case
-from conformance.checks import unrefused
+from conformance.checks import load_golden, unrefused
 from conformance.running import Loaded, LoadError, ModelCache, load
-from conformance.variants import GOLDEN, REFERENCE, REGISTRY, Variant
+from conformance.variants import REFERENCE, REGISTRY, Variant
 
 
 def _quantized(variant: Variant) -> bool:
@@ -118,11 +118,7 @@ def test_quantized_quality(case: Case, model_cache: ModelCache, metrics: dict[st
     embedding cosine (encoders) against the golden run, within the scheme's measured bounds."""
     scheme = case.variant.tolerance
     bound = tolerances.quality(scheme, case.variant.id)
-    try:  # eager in float64 on CPU wherever the device (variants.GOLDEN)
-        golden = model_cache.get(case.model, GOLDEN, "fp64", device="cpu")
-    except LoadError as exc:
-        pytest.fail(f"the golden run (eager, float64) cannot load {case.model.name}: {exc}",
-                    pytrace=False)
+    golden = load_golden(model_cache, case.model, "fp64")  # eager float64 on CPU, any device
     variant = _get(model_cache, case, case.variant)
     location = case.model.location
     if case.model.kind == "decoder":
