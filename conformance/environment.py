@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -47,6 +48,25 @@ def package_versions() -> dict[str, str | None]:
     return {name: (str(v) if (v := installed_version(name)) else None) for name in REPORTED_PACKAGES}
 
 
+# Collection-only dry runs (`gpu/run --plan`): plan a GPU run on a machine without one. The value
+# names the device as "NAME@MAJOR.MINOR" (e.g. "NVIDIA H200@9.0"); the plugin refuses to run tests
+# under it, so no result can come from a device that is not there.
+PLAN_DEVICE = "CONFORMANCE_PLAN_DEVICE"
+
+
+def planned_device() -> Environment | None:
+    """The device a dry run plans for (PLAN_DEVICE), or None in a real run."""
+    spec = os.environ.get(PLAN_DEVICE)
+    if not spec:
+        return None
+    name, _, cc = spec.rpartition("@")
+    major, _, minor = cc.partition(".")
+    if not (name and major.isdigit() and minor.isdigit()):
+        raise ValueError(f"{PLAN_DEVICE}={spec!r}: expected NAME@MAJOR.MINOR, e.g. 'NVIDIA H200@9.0'")
+    return Environment(device="cuda:0", kind="cuda", name=f"{name} (planned: collection only)",
+                       capability=(int(major), int(minor)), versions=package_versions())
+
+
 def default_device() -> str:
     import torch
 
@@ -60,6 +80,8 @@ def validate_device(device: str) -> str | None:
     kind, _, index = device.partition(":")
     if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
         return f"--device {device!r}: expected cpu, cuda or cuda:N"
+    if kind == "cuda" and os.environ.get(PLAN_DEVICE):
+        return None
     if kind == "cuda":
         if not torch.cuda.is_available():
             return f"--device {device}: no CUDA device is visible to torch {torch.__version__}"
@@ -73,6 +95,8 @@ def probe(device: str) -> Environment:
     import torch
 
     kind = device.partition(":")[0]
+    if kind == "cuda" and (planned := planned_device()) is not None:
+        return planned
     versions = package_versions()
     if kind == "cuda":
         index = torch.device(device).index or 0

