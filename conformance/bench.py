@@ -6,6 +6,15 @@ in ABBA order, so a drift in machine load favours neither), after warm-up, and t
 adding rounds until the median ratio is stable (its relative IQR under a target) or a cap is hit.
 It reports its own noise: the spread of the per-round ratios, which gating uses as its band.
 
+A speed budget is a statistical decision, so a point that is judged against a limit (``compare(...,
+limit=...)``) stops on another rule: the distribution-free confidence interval of the median
+per-round ratio (``median_interval``: order statistics, binomial coverage) must lie wholly on one
+side of the limit (``judge``: pass, fail), or the rounds run on to a larger cap
+(``Policy.judged_max_rounds`` / ``judged_max_seconds``) and the point is *inconclusive*. The rounds'
+ratios are not normal (a busy machine skews them, and they are bounded below by 0), and they are
+not independent of the load's drift, which ABBA ordering cancels within a round; the median's
+order-statistic interval needs only that rounds are exchangeable.
+
 Timing: on CUDA, CUDA events recorded around the call with a synchronize; on CPU,
 ``time.perf_counter``.
 
@@ -44,11 +53,21 @@ class Policy:
     min_sample_s: float = 0.02  # a timed sample repeats the call until it lasts this long
     max_calls_per_sample: int = 50
     memory_calls: int = 1  # CPU: untimed profiled calls per side (deterministic)
+    # A judged point (compare(..., limit=...)) stops when the median's interval is wholly on one
+    # side of the limit, else at these caps. 95% (2.5% per side): the usual error rate for a
+    # healthy variant failed by noise and for a slowdown passed by it. The caps are computed, not
+    # tuned: the CPU budget run that failed sdpa_math at 0.688 < 0.7 had 19.9% rel. IQR at seq
+    # 512; at 60 rounds the 95% interval spans the 36th-64th percentiles of the rounds' ratios,
+    # about 0.53 x their IQR (for a bell-shaped spread), so about +-5% of the median at 20% IQR:
+    # enough to separate a 30% slowdown from its budget, for at most ~40 s per judged point.
+    confidence: float = 0.95
+    judged_max_rounds: int = 60
+    judged_max_seconds: float = 40.0
 
 
 CPU_POLICY = Policy()
 CUDA_POLICY = Policy(warmup=3, min_rounds=10, max_rounds=100, target_rel_iqr=0.03, max_seconds=30.0,
-                     min_sample_s=0.005)
+                     min_sample_s=0.005, judged_max_rounds=200, judged_max_seconds=60.0)
 
 
 def policy_for(device: str) -> Policy:
@@ -82,6 +101,44 @@ class Spread:
         return self.iqr / abs(self.median) if self.median else float("inf")
 
 
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median: (x_(k), x_(n+1-k)) of the sorted
+    values, with k the largest rank such that P(Binomial(n, 1/2) <= k - 1) <= (1 - confidence) / 2.
+
+    Each value falls below the true median with probability 1/2, whatever the distribution, so
+    the count below it is Binomial(n, 1/2): the interval covers the median with probability at
+    least `confidence`. Too few values to reach it (n < 6 at 95%): (-inf, inf), i.e. undecided.
+    """
+    n = len(values)
+    tail = (1.0 - confidence) / 2.0
+    k, cdf = 0, 0.0
+    for j in range(n // 2 + 1):  # cdf = P(B <= j); rank j + 1 qualifies while P(B <= j) <= tail
+        cdf += math.comb(n, j) / 2.0**n
+        if cdf > tail:
+            break
+        k = j + 1
+    if k == 0:
+        return float("-inf"), float("inf")
+    ordered = sorted(values)
+    return ordered[k - 1], ordered[n - k]
+
+
+PASS, FAIL, INCONCLUSIVE = "pass", "fail", "inconclusive"
+
+
+def judge(interval: tuple[float, float], limit: float, at_least: bool = True) -> str:
+    """A three-way verdict: pass when the interval lies wholly within the budget (>= limit for
+    `at_least`, else <= limit), fail when wholly beyond it, inconclusive when it straddles."""
+    lo, hi = interval
+    if not at_least:
+        lo, hi, limit = -hi, -lo, -limit
+    if lo >= limit:
+        return PASS
+    if hi < limit:
+        return FAIL
+    return INCONCLUSIVE
+
+
 @dataclass
 class Comparison:
     """One measured point: variant vs reference at one input shape."""
@@ -94,6 +151,8 @@ class Comparison:
     converged: bool
     memory_method: str
     extra: dict[str, Any] = field(default_factory=dict)
+    speed_interval: tuple[float, float] = (float("-inf"), float("inf"))  # of the median ratio
+    confidence: float = 0.95
 
     @property
     def memory_ratio(self) -> float:
@@ -112,6 +171,9 @@ class Comparison:
             "speed_ratio_q1": self.speed_ratio.q1,
             "speed_ratio_q3": self.speed_ratio.q3,
             "speed_noise": self.noise,
+            "speed_ratio_lo": self.speed_interval[0],  # the median's confidence interval
+            "speed_ratio_hi": self.speed_interval[1],
+            "speed_confidence": self.confidence,
             "rounds": self.speed_ratio.n,
             "converged": self.converged,
             "variant_ms": self.variant_s.median * 1e3,
@@ -203,14 +265,19 @@ def compare(
     meter: Meter,
     policy: Policy = CPU_POLICY,
     clock: Callable[[], float] = time.monotonic,
+    limit: float | None = None,
 ) -> Comparison:
-    """Measure `variant` against `reference` alternately until their ratio is stable.
+    """Measure `variant` against `reference` alternately until their ratio is stable, or, given a
+    speed budget `limit` (a minimum ratio), until the ratio's interval is decided against it.
 
     Each round times reference, variant, variant, reference (ABBA), so a drift in machine load
     and any advantage of going first or second cancel within the round; the round's ratio is
     (sum of reference times) / (sum of variant times). A sample repeats the call `number` times
     (calibrated after warm-up so the faster side's sample lasts at least `min_sample_s`): a
     millisecond call timed alone on a shared machine is mostly scheduler noise.
+
+    With `limit`, a point stops once `judge` is pass or fail (`converged` then means decided),
+    else at the judged caps; without it, once the ratios' relative IQR is under the target.
     """
     for _ in range(policy.warmup):
         reference()
@@ -224,7 +291,10 @@ def compare(
     started = clock()
     converged = False
     sides = {"ref": (reference, t_ref, peaks_ref), "var": (variant, t_var, peaks_var)}
-    while len(ratios) < policy.max_rounds:
+    max_rounds = policy.max_rounds if limit is None else max(policy.max_rounds, policy.judged_max_rounds)
+    max_seconds = policy.max_seconds if limit is None else max(policy.max_seconds,
+                                                               policy.judged_max_seconds)
+    while len(ratios) < max_rounds:
         round_time = {"ref": 0.0, "var": 0.0}
         for side in ("ref", "var", "var", "ref"):
             fn, times, peaks = sides[side]
@@ -235,10 +305,14 @@ def compare(
                 peaks.append(peak)
         ratios.append(round_time["ref"] / round_time["var"] if round_time["var"] > 0 else float("inf"))
         if len(ratios) >= policy.min_rounds:
-            if Spread.of(ratios).rel_iqr <= policy.target_rel_iqr:
+            if limit is None:
+                done = Spread.of(ratios).rel_iqr <= policy.target_rel_iqr
+            else:
+                done = judge(median_interval(ratios, policy.confidence), limit) != INCONCLUSIVE
+            if done:
                 converged = True
                 break
-            if clock() - started > policy.max_seconds:
+            if clock() - started > max_seconds:
                 break
     if not peaks_var:  # CPU: peak memory from separate, untimed calls
         peaks_var = [meter.peak(variant) for _ in range(policy.memory_calls)]
@@ -252,6 +326,8 @@ def compare(
         converged=converged,
         memory_method=meter.memory_method,
         extra={"calls_per_sample": number},
+        speed_interval=median_interval(ratios, policy.confidence),
+        confidence=policy.confidence,
     )
 
 

@@ -286,8 +286,13 @@ def applicability(budget: Budget, selection: Any) -> str | None:
 
 
 def judge_sweep(budget: Budget, sweep: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
-    """(problems, figures): every limit at every judged length, with measured value and verdict."""
-    from conformance.bench import loglog_slope
+    """(problems, figures): every limit at every judged length, with measured value and verdict.
+
+    A speed ratio is judged by its median's confidence interval (``bench.judge``): pass or fail
+    only when the interval lies wholly on one side of the limit; a straddling interval is
+    *inconclusive*, listed in ``figures["inconclusive"]``, not in `problems`. Memory figures are
+    exact (the allocator's own counts) and keep their plain comparison."""
+    from conformance.bench import FAIL, INCONCLUSIVE, PASS, judge, loglog_slope
 
     limits, case = budget.limits, budget.case
     from conformance.cases import PAD_IDS
@@ -296,13 +301,17 @@ def judge_sweep(budget: Budget, sweep: list[dict[str, Any]]) -> tuple[list[str],
            f"{PAD_IDS[case.padding or 'none']})"
     verdicts: list[dict[str, Any]] = []
     problems: list[str] = []
+    inconclusive: list[str] = []
 
-    def verdict(name: str, seq: int | None, measured: float, limit: float, ok: bool,
-                line: str) -> None:
+    def verdict(name: str, seq: int | None, measured: float, limit: float, outcome: str | bool,
+                line: str, **extra: Any) -> None:
+        outcome = (PASS if outcome else FAIL) if isinstance(outcome, bool) else outcome
         verdicts.append({"budget": name, "seq": seq, "measured": measured, "limit": limit,
-                         "verdict": "pass" if ok else "fail"})
-        if not ok:
+                         "verdict": outcome, **extra})
+        if outcome == FAIL:
             problems.append(line)
+        elif outcome == INCONCLUSIVE:
+            inconclusive.append(line)
 
     for point in sweep:
         if point["seq"] < budget.from_seq:
@@ -310,10 +319,18 @@ def judge_sweep(budget: Budget, sweep: list[dict[str, Any]]) -> tuple[list[str],
         seq = point["seq"]
         if "min_speed_ratio" in limits:
             ratio, limit = point["speed_ratio"], limits["min_speed_ratio"]
-            verdict("min_speed_ratio", seq, ratio, limit, ratio >= limit,
-                    f"{what} at seq {seq}: speed ratio {ratio:.3g} < budget {limit:g} "
-                    f"(reference {point['reference_ms']:.3g} ms, variant {point['variant_ms']:.3g} ms, "
-                    f"noise {point['speed_noise']:.1%})")
+            interval = (point.get("speed_ratio_lo", ratio), point.get("speed_ratio_hi", ratio))
+            confidence = point.get("speed_confidence")
+            outcome = judge(interval, limit)
+            shown = f"{confidence:.0%} interval [{interval[0]:.3g}, {interval[1]:.3g}]" \
+                if confidence else "no interval"
+            relation = {FAIL: "<", PASS: ">=", INCONCLUSIVE: "undecided against"}[outcome]
+            rounds = f", {point['rounds']} rounds" if "rounds" in point else ""
+            verdict("min_speed_ratio", seq, ratio, limit, outcome,
+                    f"{what} at seq {seq}: speed ratio {ratio:.3g} {relation} budget {limit:g} "
+                    f"({shown}{rounds}; reference {point['reference_ms']:.3g} ms, variant "
+                    f"{point['variant_ms']:.3g} ms, noise {point['speed_noise']:.1%})",
+                    interval=list(interval), confidence=confidence)
         if "max_memory_ratio" in limits:
             ratio, limit = point["memory_ratio"], limits["max_memory_ratio"]
             verdict("max_memory_ratio", seq, ratio, limit, ratio <= limit,
@@ -340,6 +357,7 @@ def judge_sweep(budget: Budget, sweep: list[dict[str, Any]]) -> tuple[list[str],
         "reference_memory_exponent": ref_exponent,
         "speed_noise": max((p["speed_noise"] for p in sweep), default=0.0),
         "verdicts": verdicts,
+        "inconclusive": inconclusive,
     }
     return problems, figures
 

@@ -11,6 +11,11 @@ Figures from Hypothesis-driven checks are compared only when both runs drew the 
 (derandomized, same number of examples: the ``ci`` profile); otherwise the comparison says so.
 A check that passed and is now skipped, or that did not run at all, is listed as a warning: the
 candidate lost coverage, which a release manager must see but which is not a wrong answer.
+
+Inconclusive is its own verdict, as in the budget checks (conformance/bench.py): a speed ratio
+below its gating limit is a regression only when the median's confidence interval lies wholly
+below the limit; when the interval straddles it the row is "inconclusive", and so is a check
+that passed and is now inconclusive. Neither counts as a regression nor fails the run.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from conformance import tolerances
+from conformance.bench import judge
 
 ERROR_FIGURES = ("err_over_bound", "max_abs_err", "rel_l2_err")
 BAD = ("failed", "error", "xfailed")
+JUDGED = ("passed", "inconclusive")  # outcomes whose figures were measured in full
 
 
 class BaselineError(Exception):
@@ -37,7 +44,7 @@ class Row:
     baseline: Any
     current: Any
     band: str
-    verdict: str  # "regression" | "warning" | "improved" | "ok"
+    verdict: str  # "regression" | "inconclusive" | "warning" | "improved" | "ok"
     note: str = ""
 
 
@@ -89,9 +96,9 @@ def compare(baseline: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]
         if was is None:
             continue
         rows.extend(_outcome_rows(nodeid, was, now))
-        if was["outcome"] == "passed" and now["outcome"] == "passed":
-            if draws:
-                rows.extend(_figure_rows(nodeid, was["metrics"], now["metrics"], figure_band))
+        if was["outcome"] == "passed" and now["outcome"] == "passed" and draws:
+            rows.extend(_figure_rows(nodeid, was["metrics"], now["metrics"], figure_band))
+        if was["outcome"] in JUDGED and now["outcome"] in JUDGED:
             rows.extend(_budget_rows(nodeid, was["metrics"], now["metrics"]))
     for nodeid, was in old.items():
         if nodeid not in new and was["outcome"] == "passed":
@@ -111,6 +118,7 @@ def compare(baseline: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]
         "compared_checks": len(set(old) & set(new)),
         "counts": counts,
         "regressions": counts.get("regression", 0),
+        "inconclusive": counts.get("inconclusive", 0),
         "notes": notes,
         "rows": [asdict(r) for r in rows if r.verdict != "ok"],
         "ok_rows": sum(1 for r in rows if r.verdict == "ok"),
@@ -121,8 +129,11 @@ def _outcome_rows(nodeid: str, was: dict[str, Any], now: dict[str, Any]) -> list
     before, after = was["outcome"], now["outcome"]
     if before == after:
         return [Row(nodeid, "outcome", before, after, "-", "ok")]
-    if before == "passed" and after in BAD:
+    if before in JUDGED and after in BAD:
         return [Row(nodeid, "outcome", before, after, "-", "regression", now.get("reason", "")[:300])]
+    if after == "inconclusive":
+        return [Row(nodeid, "outcome", before, after, "-", "inconclusive" if before == "passed"
+                    else "ok", now.get("reason", "")[:300])]
     if before == "passed":
         return [Row(nodeid, "outcome", before, after, "-", "warning", now.get("reason", "")[:300])]
     if after == "passed":
@@ -159,11 +170,13 @@ def _budget_rows(nodeid: str, was: dict[str, Any], now: dict[str, Any]) -> list[
         speed = gate["speed"]
         band = min(speed["cap"], max(speed["floor"], speed["k"] * noise))
         limit = prior["speed_ratio"] * (1 - band)
-        verdict = "regression" if point["speed_ratio"] < limit else (
-            "improved" if point["speed_ratio"] > prior["speed_ratio"] * (1 + band) else "ok")
-        rows.append(Row(nodeid, f"speed_ratio @ seq {point['seq']}", prior["speed_ratio"],
-                        point["speed_ratio"], f">= {limit:.3g} (-{band:.0%}: noise {noise:.1%})",
-                        verdict))
+        ratio = point["speed_ratio"]
+        interval = (point.get("speed_ratio_lo", ratio), point.get("speed_ratio_hi", ratio))
+        verdict = {"fail": "regression", "inconclusive": "inconclusive"}.get(
+            judge(interval, limit), "improved" if ratio > prior["speed_ratio"] * (1 + band) else "ok")
+        note = f"interval [{interval[0]:.3g}, {interval[1]:.3g}]" if interval != (ratio, ratio) else ""
+        rows.append(Row(nodeid, f"speed_ratio @ seq {point['seq']}", prior["speed_ratio"], ratio,
+                        f">= {limit:.3g} (-{band:.0%}: noise {noise:.1%})", verdict, note))
         rows.append(_rising(nodeid, f"memory_ratio @ seq {point['seq']}", prior["memory_ratio"],
                             point["memory_ratio"], gate["memory"]["rel"]))
     for name in ("memory_exponent", "footprint_ratio", "footprint_over_bound"):
@@ -182,6 +195,7 @@ def table_lines(gating: dict[str, Any], width: int = 200) -> list[str]:
     """The comparison as a table (rich when installed, plain text otherwise)."""
     rows = gating["rows"]
     title = (f"release gating against {gating['baseline']}: {gating['regressions']} regression(s), "
+             f"{gating.get('inconclusive', 0)} inconclusive, "
              f"{gating['compared_checks']} checks compared, {gating['ok_rows']} figures unchanged")
     cells = [(r["check"], r["what"], _fmt(r["baseline"]), _fmt(r["current"]), r["band"],
               r["verdict"].upper() if r["verdict"] == "regression" else r["verdict"],

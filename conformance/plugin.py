@@ -224,9 +224,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     config.stash[UNMATCHED] = [e for e in xfails + skips if e not in used]
 
 
+def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config) -> Any:
+    """An inconclusive verdict (a skip whose reason starts "inconclusive:", conformance/report.py)
+    is its own terminal category: "N inconclusive" in the summary line, neither passed nor
+    skipped, and, like a skip, never a reason for a non-zero exit."""
+    if report.skipped and asked(config) and _outcome(report)[0] == "inconclusive":
+        return "inconclusive", "?", ("INCONCLUSIVE", {"yellow": True})
+    return None
+
+
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     if not asked(config):
         return
+    for report in terminalreporter.stats.get("inconclusive", []):
+        terminalreporter.write_line(f"INCONCLUSIVE {report.nodeid}: {_outcome(report)[1]}",
+                                    yellow=True)
     for entry in config.stash.get(UNMATCHED, []):
         terminalreporter.write_line(
             f"conformance: expectation {entry.where} {entry.pattern!r} matched no test",

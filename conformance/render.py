@@ -23,11 +23,15 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-OUTCOME_ORDER = ("failed", "error", "xpassed", "xfailed", "passed", "skipped", "not_applicable")
+# inconclusive (a budget whose confidence interval straddles its limit): neither pass nor fail,
+# so it ranks between the two and has its own colour
+OUTCOME_ORDER = ("failed", "error", "xpassed", "xfailed", "inconclusive", "passed", "skipped",
+                 "not_applicable")
 SYMBOL = {"passed": "pass", "failed": "FAIL", "error": "ERROR", "skipped": "skip",
-          "not_applicable": "n/a", "xfailed": "xfail", "xpassed": "XPASS"}
+          "not_applicable": "n/a", "xfailed": "xfail", "xpassed": "XPASS", "inconclusive": "?"}
 COLOUR = {"failed": "#f4b6b6", "error": "#f4b6b6", "xpassed": "#f4b6b6", "xfailed": "#f6d7a7",
-          "passed": "#bfe5bf", "skipped": "#e4e4e4", "not_applicable": "#f4f4f4"}
+          "inconclusive": "#f3ec9e", "passed": "#bfe5bf", "skipped": "#e4e4e4",
+          "not_applicable": "#f4f4f4"}
 ERROR_FIGURES = ("err_over_bound", "max_abs_err", "rel_l2_err", "top1_agreement")
 
 
@@ -129,8 +133,10 @@ def budget_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for r in results:
         for v in r["metrics"].get("verdicts", []):
+            interval = v.get("interval")
             rows.append({"check": r["nodeid"].split("::")[-1], "budget": v["budget"],
                          "seq": v.get("seq"), "measured": v["measured"], "limit": v["limit"],
+                         "interval": f"[{interval[0]:.3g}, {interval[1]:.3g}]" if interval else "",
                          "verdict": v["verdict"], "file": r["metrics"].get("budget_file", "")})
     return rows
 
@@ -170,6 +176,7 @@ def markdown(body: dict[str, Any]) -> str:
     if gating:
         lines += ["## Release gating", "",
                   f"Against `{gating.get('baseline')}`: **{gating['regressions']} regression(s)**, "
+                  f"{gating.get('inconclusive', 0)} inconclusive, "
                   f"{gating['compared_checks']} checks compared.", ""]
         lines += [f"- {n}" for n in gating.get("notes", [])]
         if gating["rows"]:
@@ -199,15 +206,21 @@ def markdown(body: dict[str, Any]) -> str:
                          f"`{f.get('worst', '')}` |")
     budgets = budget_rows(results)
     if budgets:
-        lines += ["", "## Budgets", "", "| check | budget | seq | measured | limit | verdict |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "## Budgets", "", "Speed verdicts are judged on the median's confidence "
+                  "interval: inconclusive when it straddles the limit.", "",
+                  "| check | budget | seq | measured | interval | limit | verdict |",
+                  "|---|---|---|---|---|---|---|"]
         lines += [f"| `{b['check']}` | {b['budget']} | {_fmt(b['seq'])} | {_fmt(b['measured'])} | "
-                  f"{_fmt(b['limit'])} | {b['verdict']} |" for b in budgets]
+                  f"{b['interval']} | {_fmt(b['limit'])} | {b['verdict']} |" for b in budgets]
     failures = [r for r in results if r["outcome"] in ("failed", "error", "xpassed")]
     if failures:
         lines += ["", "## Failures", ""]
         lines += [f"- `{r['nodeid']}`: {r['reason'].splitlines()[0][:300] if r['reason'] else ''}"
                   for r in failures]
+    undecided = [r for r in results if r["outcome"] == "inconclusive"]
+    if undecided:
+        lines += ["", "## Inconclusive (neither passed nor failed)", ""]
+        lines += [f"- `{r['nodeid']}`: {r['reason'].splitlines()[0][:400]}" for r in undecided]
     return "\n".join(lines) + "\n"
 
 
@@ -350,6 +363,7 @@ th { background: #f0f0f0; }
 td.cell { text-align: center; white-space: nowrap; cursor: help; font-size: 12px; }
 .fail, .regression { color: #a00; font-weight: bold; }
 .pass { color: #060; }
+.inconclusive { color: #875f00; font-weight: bold; }
 dl.env { display: grid; grid-template-columns: max-content auto; gap: 2px 12px; }
 dl.env dt { font-weight: bold; } dl.env dd { margin: 0; }
 img { max-width: 100%; border: 1px solid #ddd; margin: 6px 0 14px; }
@@ -402,7 +416,8 @@ def html_page(body: dict[str, Any]) -> str:
     if gating:
         cls = "regression" if gating["regressions"] else "pass"
         parts.append(f"<h2>Release gating</h2><p class='{cls}'>Against {_e(gating.get('baseline'))}: "
-                     f"{gating['regressions']} regression(s), {gating['compared_checks']} checks "
+                     f"{gating['regressions']} regression(s), {gating.get('inconclusive', 0)} "
+                     f"inconclusive, {gating['compared_checks']} checks "
                      f"compared, {gating['ok_rows']} figures unchanged.</p>")
         parts += [f"<p>{_e(n)}</p>" for n in gating.get("notes", [])]
         if gating["rows"]:
@@ -437,14 +452,23 @@ def html_page(body: dict[str, Any]) -> str:
     budgets = budget_rows(results)
     if budgets:
         parts.append("<h2>Budgets</h2>")
-        parts.append(_table(["check", "budget", "seq", "measured", "limit", "verdict", "file"], [
+        parts.append("<p>Speed verdicts are judged on the median's confidence interval: "
+                     "inconclusive when it straddles the limit.</p>")
+        parts.append(_table(["check", "budget", "seq", "measured", "interval", "limit", "verdict",
+                             "file"], [
             [f"<code>{_e(b['check'])}</code>", _e(b["budget"]), _e(b["seq"]), _e(b["measured"]),
-             _e(b["limit"]), f"<span class='{_e(b['verdict'])}'>{_e(b['verdict'])}</span>",
-             _e(b["file"])] for b in budgets]))
+             _e(b["interval"]), _e(b["limit"]),
+             f"<span class='{_e(b['verdict'])}'>{_e(b['verdict'])}</span>", _e(b["file"])]
+            for b in budgets]))
     failures = [r for r in results if r["outcome"] in ("failed", "error", "xpassed")]
     if failures:
         parts.append("<h2>Failures</h2><ul>")
         parts += [f"<li><code>{_e(r['nodeid'])}</code>: {_e(r['reason'])}</li>" for r in failures]
+        parts.append("</ul>")
+    undecided = [r for r in results if r["outcome"] == "inconclusive"]
+    if undecided:
+        parts.append("<h2>Inconclusive (neither passed nor failed)</h2><ul>")
+        parts += [f"<li><code>{_e(r['nodeid'])}</code>: {_e(r['reason'])}</li>" for r in undecided]
         parts.append("</ul>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

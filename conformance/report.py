@@ -1,4 +1,15 @@
-"""report.json: one record per test, grouped later by claim; the base of every human report."""
+"""report.json: one record per test, grouped later by claim; the base of every human report.
+
+Outcomes: pytest's (passed, failed, error, skipped, xfailed, xpassed), plus two kinds of skip the
+report counts apart:
+- ``not_applicable``: the check cannot exist on this device (reason prefix "not applicable");
+- ``inconclusive``: a statistical verdict (a speed budget) whose confidence interval still
+  straddles its limit after the most rounds allowed. The check calls ``pytest.skip`` with a reason
+  starting "inconclusive:" (``inconclusive(...)``), because a skip is the one pytest outcome that
+  is neither a pass nor a failure and never fails the run (so ``.ci/run`` does not fail on it);
+  the plugin gives it its own terminal category (``pytest_report_teststatus``: "N inconclusive"
+  in the summary line, not counted as passed or skipped) and this module its own outcome.
+"""
 
 from __future__ import annotations
 
@@ -20,8 +31,17 @@ def not_applicable(reason: str) -> str:
     return reason if reason.startswith(NOT_APPLICABLE) else f"{NOT_APPLICABLE}: {reason}"
 
 
+INCONCLUSIVE = "inconclusive"
+
+
+def inconclusive(reason: str) -> str:
+    return reason if reason.startswith(INCONCLUSIVE) else f"{INCONCLUSIVE}: {reason}"
+
+
 def skip_outcome(reason: str) -> str:
-    return "not_applicable" if reason.startswith(NOT_APPLICABLE) else "skipped"
+    if reason.startswith(NOT_APPLICABLE):
+        return "not_applicable"
+    return INCONCLUSIVE if reason.startswith(INCONCLUSIVE) else "skipped"
 
 
 @dataclass

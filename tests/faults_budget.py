@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 from conformance.variants import REGISTRY, Variant
 
 SLOWDOWN = 10  # the slow fault's forward takes this many times as long as the healthy one
+SLOWER = 0.3  # the subtle fault's forward takes 30% longer than the healthy one
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,13 @@ class BudgetFault:
     budget: str  # the budget that must fail: "min_speed_ratio", "max_memory_ratio", ...
     message: str  # a fragment the failure message must contain
     description: str
+    reference: str = "eager"  # what the budget measures both against
+    name: str = ""  # the budget entry's name (a second entry for the same case)
+
+    def budget_id(self, variant: str) -> str:
+        """The test id of this fault's budget for `variant` (the fault's or its control's)."""
+        padding = "" if self.budget == "max_over_bound" else "nopad"  # footprints have none
+        return "-".join(filter(None, ("cpu-llama", variant, "fp32", padding, self.name)))
 
 
 def _slowed(model: Any) -> Any:
@@ -44,6 +53,26 @@ def _slowed(model: Any) -> Any:
         return original(*args, **kwargs)
 
     model.forward = repeated
+    return model
+
+
+def _slowed_by(model: Any, fraction: float = SLOWER) -> Any:
+    """Every forward, once done, keeps the CPU busy for `fraction` of its own duration (small
+    matmuls, not a sleep): 30% slower however loaded the machine is, outputs unchanged. The
+    subtle slowdown a noisy harness would miss or cry wolf about."""
+    original = model.forward
+    busy = torch.ones(32, 32)
+
+    @functools.wraps(original)
+    def slower(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        out = original(*args, **kwargs)
+        deadline = time.perf_counter() + fraction * (time.perf_counter() - start)
+        while time.perf_counter() < deadline:
+            busy @ busy
+        return out
+
+    model.forward = slower
     return model
 
 
@@ -94,6 +123,9 @@ def _fault(fid: str, base: str = "sdpa", **changes: Any) -> Variant:
 BUDGET_FAULTS: list[BudgetFault] = [
     BudgetFault(_fault("fault_slow_sdpa", post_load=_slowed), "sdpa", "min_speed_ratio",
                 "speed ratio", f"every forward does its work {SLOWDOWN} times"),
+    BudgetFault(_fault("fault_slow30_sdpa", post_load=_slowed_by), "sdpa", "min_speed_ratio",
+                "speed ratio", f"every forward takes {SLOWER:.0%} longer (judged against healthy sdpa)",
+                reference="sdpa", name="vs_sdpa"),
     BudgetFault(_fault("fault_memory_sdpa", context=_hoarding_scores), "sdpa", "max_memory_exponent",
                 "peak memory grows as seq^", "SDPA materializes the full score matrix"),
     BudgetFault(_fault("fault_nf4_mlp_unquantized", "bnb_nf4", post_load=_mlp_left_unquantized),

@@ -103,6 +103,35 @@ def test_speed_ratio_drop_beyond_the_noise_band_is_a_regression() -> None:
     assert gating.compare(_report(), swing)["regressions"] == 0
 
 
+def _with_interval(metrics: dict[str, Any], lo: float, hi: float) -> dict[str, Any]:
+    judged = metrics["sweep"][-1]
+    judged.update(speed_ratio_lo=lo, speed_ratio_hi=hi)
+    return metrics
+
+
+def test_a_drop_whose_interval_straddles_the_limit_is_inconclusive_not_a_regression() -> None:
+    # baseline 3.0, noise 5%: the limit is 3.0 x (1 - 40%) = 1.8; the median 1.7 is below it
+    straddling = _with(_report(), BUDGET, metrics=_with_interval(_sweep(1.7), 1.5, 1.9))
+    result = gating.compare(_report(), straddling)
+    assert result["regressions"] == 0 and result["inconclusive"] == 1
+    (row,) = result["rows"]
+    assert (row["what"], row["verdict"]) == ("speed_ratio @ seq 512", "inconclusive")
+    assert row["note"] == "interval [1.5, 1.9]"
+    below = _with(_report(), BUDGET, metrics=_with_interval(_sweep(1.7), 1.5, 1.75))
+    assert _regressions(gating.compare(_report(), below)) == [(BUDGET, "speed_ratio @ seq 512")]
+
+
+def test_a_pass_that_became_inconclusive_is_inconclusive_and_its_figures_still_gated() -> None:
+    now = _with(_report(), BUDGET, outcome="inconclusive", reason="inconclusive: interval straddles",
+                metrics=_sweep(0.6))  # and a 5x slowdown, wholly below the gating limit
+    result = gating.compare(_report(), now)
+    verdicts = {r["what"]: r["verdict"] for r in result["rows"]}
+    assert verdicts == {"outcome": "inconclusive", "speed_ratio @ seq 512": "regression"}
+    failed = _with(now, BUDGET, outcome="failed", reason="speed ratio < budget")
+    assert (BUDGET, "outcome") in _regressions(gating.compare(now, failed))  # it was not a pass
+    assert "1 inconclusive" in "\n".join(gating.table_lines(result))
+
+
 def test_memory_ratio_rise_is_a_regression() -> None:
     hungrier = _with(_report(), BUDGET, metrics=_sweep(3.0, memory=0.3))
     assert _regressions(gating.compare(_report(), hungrier)) == [(BUDGET, "memory_ratio @ seq 512")]
