@@ -19,6 +19,8 @@ REPORTED_PACKAGES = (
     "accelerate",
     "bitsandbytes",
     "flash-attn",
+    "flash-attn-4",
+    "nvidia-cutlass-dsl",
     "safetensors",
     "hypothesis",
 )

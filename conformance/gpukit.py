@@ -173,9 +173,40 @@ def phase_named(name: str) -> Phase:
 
 
 def pytest_addoption(parser: Any) -> None:
-    parser.getgroup("conformance").addoption(
-        "--gpu-phase", default=None, metavar="NAME",
-        help="keep only the items of this GPU-kit phase (conformance/gpukit.py PHASES)")
+    group = parser.getgroup("conformance")
+    group.addoption("--gpu-phase", default=None, metavar="NAME",
+                    help="keep only the items of this GPU-kit phase (conformance/gpukit.py PHASES)")
+    group.addoption("--gpu-deadline", type=float, default=None, metavar="EPOCH",
+                    help="stop starting tests after this time.time(): the run ends as interrupted, "
+                         "its report written (a lease's command limit kills, and writes nothing)")
+
+
+_DEADLINE: dict[str, Any] = {}
+
+
+def pytest_configure(config: Any) -> None:
+    _DEADLINE["at"] = config.getoption("gpu_deadline", None)
+    _DEADLINE["config"] = config
+
+
+def pytest_runtest_logreport(report: Any) -> None:
+    """Past the deadline, stop: pytest after the current test; under xdist, the controller's
+    scheduler (its `shouldstop` ends the loop as an interruption, and the session finishes)."""
+    import time
+
+    at, config = _DEADLINE.get("at"), _DEADLINE.get("config")
+    if at is None or config is None or time.time() < at:
+        return
+    why = "gpu/run: the phase's time is over"
+    dsession = config.pluginmanager.getplugin("dsession")
+    if dsession is not None:
+        dsession.shouldstop = why
+    elif getattr(config, "_conformance_session", None) is not None:
+        config._conformance_session.shouldstop = why
+
+
+def pytest_sessionstart(session: Any) -> None:
+    session.config._conformance_session = session
 
 
 def item_key(item: Any) -> tuple[str, str | None, str | None, str | None]:

@@ -62,7 +62,7 @@ def _refused_clearly(cache: ModelCache, case: Case, request: Any) -> tuple[str |
             return f"{request.id}: the refusal does not say it is about flash attention: {message}", {}
         return None, {"refused_at": "load", "message": message}
     implementation = getattr(loaded.model.config, "_attn_implementation", None)
-    asked = _asked_implementation(request, case.dtype)
+    asked = _asked_implementation(request)
     if implementation != asked:
         return (f"{request.id}: asked for {asked} in {case.dtype} on {loaded.device}, got a "
                 f"model silently running {implementation!r}"), {"silently": implementation}
@@ -75,12 +75,11 @@ def _refused_clearly(cache: ModelCache, case: Case, request: Any) -> tuple[str |
             "without any error (C02 promises a clear failure)"), {"refused_at": None}
 
 
-def _asked_implementation(request: Any, dtype: str) -> str:
-    """The attention implementation a flash request names (the guides' use_flash_attention_2=True
-    spelling names FlashAttention-2)."""
-    from conformance.compat import parse_dtype
-
-    return str(request.load_kwargs(parse_dtype(dtype)).get("attn_implementation", "flash_attention_2"))
+def _asked_implementation(request: Any) -> str:
+    """The implementation a flash request asks for, from what the record needs: flash-attn-4 is
+    FlashAttention-4's package, everything else in C01 is FlashAttention-2 (a record's load
+    kwargs are what it does, not what it promises)."""
+    return "flash_attention_4" if "flash-attn-4" in request.needs.packages else "flash_attention_2"
 
 
 # bitsandbytes requests, one per format and spelling: C10/C11's misuse case
