@@ -86,6 +86,43 @@ def incremental(loaded: Loaded, input_ids: Any, mask: Any, chunks: list[int], ca
     return torch.cat(outs, dim=1)
 
 
+def in_form(loaded: Loaded, input_ids: Any, mask: Any, chunks: list[int], pass_mask: bool = True,
+            explicit_cache: bool = False, legacy: bool = False) -> Any:
+    """Cached decoding in chunks, in one of the forms users call it (conformance/options.py): with
+    or without an attention_mask at each step, the model's own cache or a DynamicCache passed at
+    prefill, the cache handed back as a Cache or (transformers 4.x) as the legacy tuple. Logits
+    as [B, W, V] float64 on CPU."""
+    import torch
+
+    assert sum(chunks) == input_ids.shape[1], (chunks, input_ids.shape)
+    device = loaded.device
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache: Any = None
+    if explicit_cache:
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+    outs, start = [], 0
+    with torch.inference_mode(), loaded.variant.context():
+        for size in chunks:
+            end = start + size
+            inputs: dict[str, Any] = {"input_ids": input_ids[:, start:end], "use_cache": True}
+            if cache is not None:
+                inputs["past_key_values"] = cache
+            if pass_mask:
+                inputs["attention_mask"] = mask[:, :end]
+            if loaded.accepts_position_ids:
+                inputs["position_ids"] = positions[:, start:end]
+            out = loaded.model(**inputs)
+            cache = out.past_key_values
+            if legacy and hasattr(cache, "to_legacy_cache"):
+                cache = cache.to_legacy_cache()
+            outs.append(out.logits.detach().to("cpu", torch.float64))
+            start = end
+    return torch.cat(outs, dim=1)
+
+
 def full_with_cache_off(loaded: Loaded, input_ids: Any, mask: Any) -> Any:
     """The same tokens in one forward, no cache: what every cached decoding must reproduce."""
     import torch

@@ -82,6 +82,35 @@ def model_inputs(loaded: Loaded, batch: BatchSpec) -> dict[str, Any]:
     return _tensors(loaded, *batch.materialize(loaded.vocab_size, loaded.pad_id))
 
 
+def plain_inputs(loaded: Loaded, input_ids: Any, mask: Any) -> dict[str, Any]:
+    """The plain call's inputs: ids, mask and (where the model takes them) positions that skip
+    left padding, on the model's device."""
+    return _tensors(loaded, input_ids, mask)
+
+
+def call_model(loaded: Loaded, inputs: dict[str, Any], counter: OpCounter | None = None) -> Any:
+    """The model's own output object for `inputs`, inside the variant's context (an option's
+    extras, a traced forward)."""
+    import contextlib
+
+    import torch
+
+    with torch.inference_mode(), loaded.variant.context(), counter or contextlib.nullcontext():
+        return loaded.model(**inputs)
+
+
+def main_output(loaded: Loaded, out: Any) -> Any:
+    """Logits (decoders) or the last hidden state (encoders) of an output object or tuple, as
+    float64 on CPU."""
+    import torch
+
+    if isinstance(out, tuple):
+        tensor = out[0]
+    else:
+        tensor = out.logits if loaded.zoo.kind == "decoder" else out.last_hidden_state
+    return tensor.detach().to("cpu", torch.float64)
+
+
 def _tensors(loaded: Loaded, input_ids: Any, mask: Any) -> dict[str, Any]:
     inputs = {"input_ids": input_ids, "attention_mask": mask}
     if loaded.accepts_position_ids:

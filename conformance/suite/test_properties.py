@@ -16,10 +16,11 @@ import pytest
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
-from conformance import compare, decoding
+from conformance import compare, decoding, localize
 from conformance.cases import Case
 from conformance.checks import (
     attempt,
+    golden_per_row,
     keep_worst,
     load_or_fail,
     max_len,
@@ -27,7 +28,16 @@ from conformance.checks import (
     reproduction,
     unrefused,
 )
-from conformance.running import Loaded, ModelCache, _run, _tensors, forward, forward_per_row
+from conformance.options import OPTIONS, Context, call_with
+from conformance.running import (
+    Loaded,
+    ModelCache,
+    _run,
+    _tensors,
+    forward,
+    forward_per_row,
+    main_output,
+)
 from conformance.strategies import BatchSpec, batch_specs, pad_rows
 from conformance.variants import REFERENCE, REGISTRY
 
@@ -308,5 +318,131 @@ def test_determinism(case: Case, model_cache: ModelCache, metrics: dict[str, Any
             case, second[real], first[real], noise, scale,
             "run-to-run spread")
         _judge(metrics, batch, case, problem, figures)
+
+    check()
+
+
+def _applicable(variant: Loaded, kind: str) -> tuple[list[str], dict[str, str]]:
+    """The options this model and stack take, and the reason for each one they do not."""
+    ids, mask = BatchSpec((4,), "none").materialize(variant.vocab_size, variant.pad_id)
+    names, reasons = [], {}
+    for name, option in OPTIONS.items():
+        if kind not in option.kinds:
+            reasons[name] = f"not an option for {kind}s"
+            continue
+        got = option.inputs(variant, ids, mask)
+        if isinstance(got, str):
+            reasons[name] = got
+        else:
+            names.append(name)
+    return names, reasons
+
+
+def _chunks(width: int, data: st.DataObject) -> list[int]:
+    """A prefill, a cached step of several tokens (where a dropped causal mask shows), then ones."""
+    prefill = data.draw(st.integers(1, width), label="prefill length")
+    rest = width - prefill
+    chunk = data.draw(st.integers(2, min(rest, 8)), label="cached chunk") if rest >= 2 else rest
+    return [prefill] + ([chunk] if chunk else []) + [1] * (rest - chunk)
+
+
+@pytest.mark.cases()
+def test_options(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
+    """The options and input forms users pass (conformance/options.py) change what is returned,
+    never the answer: the logits (encoders: last hidden state) equal the plain call's, bitwise
+    where the plain call's kernels run, and an option's extra output is judged too. One option is
+    drawn per example; report.json says how many examples each got and why the rest do not apply."""
+    _options(case, model_cache, metrics, exclude=ATTENTION_OPTION)
+
+
+@pytest.mark.cases()
+def test_output_attentions(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
+    """output_attentions=True leaves the answer alone; the weights, where the implementation
+    returns them, put nothing above the diagonal or on masked keys and match eager float64's;
+    whether it returns them, refuses, or returns none is recorded per stack (`output_attentions`).
+    Its own check: the path that computes weights is another path (an implementation falls back
+    to one), and a bug there must not hide the other options' verdicts."""
+    _options(case, model_cache, metrics, only=ATTENTION_OPTION)
+
+
+ATTENTION_OPTION = "output_attentions"
+
+
+def _options(case: Case, model_cache: ModelCache, metrics: dict[str, Any], exclude: str = "",
+             only: str = "") -> None:
+    __tracebackhide__ = True
+    variant, longest, noise, scale = _setup(model_cache, case)
+    _, reference, golden = load_or_fail(model_cache, case)
+    names, reasons = _applicable(variant, case.model.kind)
+    names = [n for n in names if n != exclude and (not only or n == only)]
+    metrics["options_not_applicable"] = {k: v for k, v in reasons.items()
+                                         if k != exclude and (not only or k == only)}
+    counts: dict[str, int] = metrics.setdefault("option_examples", {})
+    if not names:
+        pytest.skip(f"not applicable: {metrics['options_not_applicable']}")
+    # output_attentions alone: half the examples (its judge runs golden and eager with weights)
+    @settings(max_examples=fewer_examples().max_examples // (2 if only else 1))
+    @given(batch=batch_specs(max_len=min(longest, CACHE_MAX_LEN)), name=st.sampled_from(names),
+           data=st.data())
+    def check(batch: BatchSpec, name: str, data: st.DataObject) -> None:
+        option = OPTIONS[name]
+        if option.unpadded:
+            batch = BatchSpec((batch.width,) * len(batch.lengths), "none", batch.seed)
+        note(reproduction(case, batch, variant.device) + f"\n# option: {name}")
+        counts[name] = counts.get(name, 0) + 1
+        ids, mask = batch.materialize(variant.vocab_size, variant.pad_id)
+        out: Any = None
+        if option.cached:
+            chunks = _chunks(batch.width, data)
+            note(f"chunks: {chunks}")
+            form = option.inputs(variant, ids, mask)
+            assert isinstance(form, dict)
+            plain = unrefused(variant, lambda: decoding.in_form(variant, ids, mask, chunks))
+            got = unrefused(variant, lambda: decoding.in_form(variant, ids, mask, chunks, **form))
+
+            def traced() -> Any:
+                return decoding.in_form(variant, ids, mask, chunks, **form)
+        else:
+            extra = option.inputs(variant, ids, mask)
+            assert isinstance(extra, dict)
+            plain = unrefused(variant, lambda: _run(variant, _tensors(variant, ids, mask)))
+            try:
+                out = call_with(variant, ids, mask, extra)
+            except Exception as exc:  # an implementation may refuse an option: clearly, once
+                if name != ATTENTION_OPTION:
+                    raise
+                metrics[ATTENTION_OPTION] = f"refused: {type(exc).__name__}: {str(exc)[:160]}"
+                return
+            got = main_output(variant, out)
+
+            def traced() -> Any:
+                return call_with(variant, ids, mask, extra)
+        what = f"option {name} vs the plain call"
+        bitwise = option.same_kernels and case.variant.deterministic and not case.variant.batch_dependent
+        if bitwise:
+            real = mask.bool()
+            diff = float((got[real] - plain[real]).abs().nan_to_num(float("inf")).max())
+            problem = None if bool((got[real] == plain[real]).all()) else (
+                f"{what}: not bitwise equal although the plain call's kernels run (max|diff| "
+                f"{diff:.3g} on real tokens)")
+            figures: dict[str, Any] = {"max_abs_diff": diff, "bitwise": True, "err_over_bound": 0.0}
+        else:
+            problem, figures = _verdict(case, compare.on_real(got, mask), compare.on_real(plain, mask),
+                                        noise, scale, what)
+        if problem is not None and case.variant.tolerance == "kernel":
+            found = localize.localize(variant, reference, golden, batch, case.dtype, traced)
+            figures["first_divergence"] = found
+            problem = f"{problem}; {found['text']}"
+        _judge(metrics, batch, case, problem, figures)
+        if option.extra is not None and out is not None:
+            context = Context(variant, reference, golden, ids, mask, batch.padding, case.dtype,
+                              kernel_class=case.variant.tolerance == "kernel",
+                              per_row=golden_per_row(case.model.kind, batch.padding))
+            problem, extra_figures = option.extra(out, context)
+            for key, value in extra_figures.items():
+                metrics.setdefault(f"{name}_figures", {})[key] = value
+            if ATTENTION_OPTION in extra_figures:  # what the implementation does, per stack
+                metrics[ATTENTION_OPTION] = extra_figures[ATTENTION_OPTION]
+            assert problem is None, f"{case.id}: {name}: {problem}"
 
     check()

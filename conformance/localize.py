@@ -1,0 +1,166 @@
+"""Where a failing output first went wrong: the first layer whose output leaves its bound.
+
+A red cell says "logits differ"; a bug report needs where the difference starts. On a failing
+example the suite re-runs the call under suspicion with forward hooks on every layer (and, inside
+each layer, on its attention and its MLP), and does the same for the golden run (each row alone,
+float64 eager) and the plain reference (eager, the run's dtype). At each point, in the order the
+model computes them, the variant's error against golden is judged by the same formula as the
+logits (``compare.kernel_bound``: K times the reference's own error at that point, plus a floor
+of ulps of the point's scale). The first point out of bound is the divergence:
+
+    first divergence: layer 1 self_attn (err 3.1e-01 vs bound 2.0e-05); layers 0 clean
+
+Hooks, not ``output_hidden_states``: an option under suspicion may be that very flag. Paths
+whose modules are replaced (BetterTransformer's fused layers, an ONNX graph) show what hooks
+still see; where no layer list is found the localization says so.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from conformance import compare
+
+LAYER_LISTS = ("model.layers", "layers", "transformer.h", "h", "encoder.layer", "transformer.layer",
+               "gpt_neox.layers", "model.decoder.layers", "decoder.layers", "layer")
+ATTENTION = re.compile(r"^(self_attn|attn|attention|self_attention)$")
+MLP = re.compile(r"^(mlp|feed_forward|ffn|intermediate)$")
+Point = tuple[int, str]  # (layer, "self_attn" | "mlp" | "output")
+ORDER = {"self_attn": 0, "mlp": 1, "output": 2}
+
+
+def layer_list(model: Any) -> Any | None:
+    for name in LAYER_LISTS:
+        module = model
+        try:
+            for part in name.split("."):
+                module = getattr(module, part)
+        except AttributeError:
+            continue
+        if hasattr(module, "__len__") and len(module) > 0:
+            return module
+    return None
+
+
+def _first_tensor(output: Any) -> Any:
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return getattr(output, "last_hidden_state", None)
+
+
+def trace(model: Any, run: Callable[[], Any]) -> dict[Point, Any] | None:
+    """Every layer's (and its attention's and MLP's) output during `run()`, float64 on CPU;
+    outputs of several forwards (cached decoding) are joined along the sequence."""
+    import torch
+
+    layers = layer_list(model)
+    if layers is None:
+        return None
+    seen: dict[Point, list[Any]] = {}
+    handles = []
+
+    def hook_for(point: Point) -> Callable[..., None]:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            tensor = _first_tensor(output)
+            if tensor is not None and tensor.dim() == 3:
+                seen.setdefault(point, []).append(tensor.detach().to("cpu", torch.float64))
+        return hook
+
+    for index, layer in enumerate(layers):
+        handles.append(layer.register_forward_hook(hook_for((index, "output"))))
+        for name, child in layer.named_children():
+            kind = "self_attn" if ATTENTION.match(name) else "mlp" if MLP.match(name) else None
+            if kind is not None:
+                handles.append(child.register_forward_hook(hook_for((index, kind))))
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {point: torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            for point, parts in seen.items()}
+
+
+def on_real(traced: dict[Point, Any], mask: Any) -> dict[Point, Any]:
+    return {point: compare.on_real(t, mask) for point, t in traced.items()
+            if t.shape[:2] == tuple(mask.shape)}
+
+
+def per_row(model: Any, rows: list[Any],
+            run_row: Callable[[Any], Callable[[], Any]]) -> dict[Point, Any] | None:
+    """Traces of each row run alone, joined over rows on their real tokens."""
+    import torch
+
+    parts: dict[Point, list[Any]] = {}
+    for row in rows:
+        traced = trace(model, run_row(row))
+        if traced is None:
+            return None
+        for point, tensor in traced.items():
+            parts.setdefault(point, []).append(tensor[0])
+    return {point: torch.cat(ts, dim=0) for point, ts in parts.items()}
+
+
+def first_divergence(variant: dict[Point, Any] | None, reference: dict[Point, Any] | None,
+                     golden: dict[Point, Any] | None, dtype: str) -> dict[str, Any]:
+    """The first point where the variant's error against golden leaves its kernel bound."""
+    if variant is None or reference is None or golden is None:
+        return {"text": "localization unavailable: no layer list found in this model"}
+    points = sorted(set(variant) & set(reference) & set(golden), key=lambda p: (p[0], ORDER[p[1]]))
+    rows: list[dict[str, Any]] = []
+    for point in points:
+        v, r, g = variant[point], reference[point], golden[point]
+        if v.shape != g.shape or r.shape != g.shape:
+            continue
+        err = float((v - g).abs().nan_to_num(float("inf")).max())
+        ref_err = float((r - g).abs().nan_to_num(float("inf")).max())
+        scale = float(g.abs().max())
+        bound = compare.kernel_bound(ref_err, scale, dtype)[0]
+        rows.append({"layer": point[0], "point": point[1], "err": err, "bound": bound})
+        if not err <= bound:
+            clean = sorted({row["layer"] for row in rows if row["layer"] < point[0]})
+            before = f"layers {', '.join(map(str, clean))} clean" if clean else "no layer before it"
+            where = "the layer output" if point[1] == "output" else point[1]
+            return {"layer": point[0], "point": point[1], "err": err, "bound": bound,
+                    "text": f"first divergence: layer {point[0]} {where} (err {err:.2g} vs bound "
+                            f"{bound:.2g}); {before}"}
+    if not rows:
+        return {"text": "localization unavailable: the hooked points do not line up with golden"}
+    return {"text": f"every layer within its bound ({len(rows)} points): the difference starts "
+                    "after the last layer (final norm, head, or the output's own computation)"}
+
+
+def localize(variant: Any, reference: Any, golden: Any, batch: Any, dtype: str,
+             run_variant: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """The first divergence of `variant` (Loaded) on `batch`: its call (`run_variant`, default the
+    plain padded forward) traced against the golden run and the plain reference."""
+    import torch
+
+    from conformance.checks import golden_per_row
+    from conformance.running import call_model, plain_inputs
+
+    ids, mask = batch.materialize(variant.vocab_size, variant.pad_id)
+
+    def padded(loaded: Any) -> Callable[[], Any]:
+        return lambda: call_model(loaded, plain_inputs(loaded, ids, mask))
+
+    try:
+        traced = trace(variant.model, run_variant or padded(variant))
+        plain = trace(reference.model, padded(reference))
+        if golden_per_row(golden.zoo.kind, batch.padding):
+            rows = [ids[i][mask[i].bool()] for i in range(len(batch.lengths))]
+            gold = per_row(golden.model, rows, lambda row: lambda: call_model(
+                golden, plain_inputs(golden, row[None], torch.ones_like(row[None]))))
+        else:
+            whole = trace(golden.model, padded(golden))
+            gold = on_real(whole, mask) if whole is not None else None
+    except Exception as exc:  # the localization is a diagnosis: it never replaces the verdict
+        return {"text": f"localization failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+    return first_divergence(on_real(traced, mask) if traced is not None else None,
+                            on_real(plain, mask) if plain is not None else None, gold, dtype)

@@ -1,0 +1,343 @@
+"""Forward options and input forms: what users pass must change what is returned, never the answer.
+
+Every check calls a model one way (ids, a mask, positions). Real regressions live in the other
+ways: an implementation asked for attention weights that falls back to another path with
+another mask; a cached step without a mask taking another branch; a legacy tuple cache read
+with another layout. Each record here is one such way, declared with the kinds it applies to,
+what it adds to the plain call, whether the plain call's kernels still run (then the answer
+must be bitwise the same), and how its extra output is judged. ``test_options`` draws one per
+example (conformance/suite/test_properties.py).
+
+Cached forms decode in chunks (a prefill, a multi-token cached step, then single tokens) and
+compare with the same decoding in its plain form (a mask passed, the cache the model builds).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from conformance import compare, tolerances
+from conformance.running import Loaded
+
+DECODER = frozenset({"decoder"})
+ENCODER = frozenset({"encoder"})
+BOTH = DECODER | ENCODER
+
+
+@dataclass(frozen=True)
+class Context:
+    """What an option's extra judge may use besides its own output."""
+
+    variant: Loaded
+    reference: Loaded
+    golden: Loaded
+    ids: Any
+    mask: Any
+    padding: str
+    dtype: str
+    kernel_class: bool  # the variant's tolerance is the kernel one (quantization is not judged per layer)
+    per_row: bool = True  # golden is each row alone (conformance.checks.golden_per_row); else padded
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    summary: str
+    kinds: frozenset[str]
+    # extra inputs for the plain call (or, for a cached form, its decoding form), or the reason it
+    # does not apply here
+    inputs: Callable[[Loaded, Any, Any], dict[str, Any] | str]
+    same_kernels: bool = True  # the plain call's kernels run: the answer must be bitwise the same
+    extra: Callable[[Any, Context], tuple[str | None, dict[str, Any]]] | None = None
+    cached: bool = False  # a decoding form (chunks through the KV cache), not one forward
+    unpadded: bool = False  # drawn batches are made full-width (a form with no mask at all)
+
+
+def _accepts(loaded: Loaded, name: str) -> bool:
+    try:
+        return name in inspect.signature(loaded.model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _graph_only(loaded: Loaded) -> str | None:
+    """An exported graph (ONNX Runtime) returns its outputs only: no per-layer extras."""
+    if type(loaded.model).__module__.startswith("optimum.onnxruntime"):
+        return (f"{type(loaded.model).__name__} runs an exported ONNX graph that returns its outputs "
+                "only (no per-layer weights or states)")
+    return None
+
+
+def _flag(name: str, value: Any = True, internals: bool = False
+          ) -> Callable[[Loaded, Any, Any], dict[str, Any] | str]:
+    def inputs(loaded: Loaded, ids: Any, mask: Any) -> dict[str, Any] | str:
+        if internals and (reason := _graph_only(loaded)):
+            return reason
+        if not _accepts(loaded, name) and not _accepts(loaded, "kwargs"):
+            return f"{type(loaded.model).__name__}.forward takes no {name}"
+        return {name: value}
+    return inputs
+
+
+def _inputs_embeds(loaded: Loaded, ids: Any, mask: Any) -> dict[str, Any] | str:
+    import torch
+
+    get = getattr(loaded.model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    if embeddings is None or not _accepts(loaded, "inputs_embeds"):
+        return f"{type(loaded.model).__name__} takes no inputs_embeds"
+    with torch.inference_mode():
+        embeds = embeddings(ids.to(loaded.device))
+    extra: dict[str, Any] = {"input_ids": None, "inputs_embeds": embeds}
+    config = loaded.model.config
+    if config.model_type in POSITIONS_FROM_IDS and "position_ids" not in _plain_keys(loaded):
+        # these models derive positions from input_ids (skipping pads); from inputs_embeds they
+        # are documented to be sequential (RobertaEmbeddings): pass the ones the ids give
+        pad = int(config.pad_token_id)
+        positions = (mask.cumsum(-1) * mask + pad).to(loaded.device)
+        extra["position_ids"] = positions
+    return extra
+
+
+# encoders whose embeddings number positions from input_ids, skipping padding (padding_idx + 1 on)
+POSITIONS_FROM_IDS = frozenset({"roberta", "xlm-roberta", "camembert"})
+
+
+def _plain_keys(loaded: Loaded) -> set[str]:
+    return {"position_ids"} if loaded.accepts_position_ids else set()
+
+
+def _token_type_ids(loaded: Loaded, ids: Any, mask: Any) -> dict[str, Any] | str:
+    import torch
+
+    if not _accepts(loaded, "token_type_ids"):
+        return f"{type(loaded.model).__name__} takes no token_type_ids"
+    return {"token_type_ids": torch.zeros_like(ids).to(loaded.device)}
+
+
+def causal_labels(ids: Any, mask: Any) -> Any:
+    """Labels for the loss: real tokens, except each row's first real token (left padding would
+    make a pad position predict it) and every pad (-100: ignored)."""
+    labels = ids.masked_fill(mask == 0, -100)
+    first = (mask.cumsum(-1) == 1) & (mask == 1)
+    return labels.masked_fill(first, -100)
+
+
+def _labels(loaded: Loaded, ids: Any, mask: Any) -> dict[str, Any] | str:
+    if not _accepts(loaded, "labels"):
+        return f"{type(loaded.model).__name__} takes no labels"
+    return {"labels": causal_labels(ids, mask).to(loaded.device)}
+
+
+def _cache_position(loaded: Loaded, ids: Any, mask: Any) -> dict[str, Any] | str:
+    import torch
+
+    if not _accepts(loaded, "cache_position"):
+        return f"{type(loaded.model).__name__}.forward takes no cache_position in this transformers"
+    return {"cache_position": torch.arange(ids.shape[1], device=loaded.device)}
+
+
+def _form(**form: Any) -> Callable[[Loaded, Any, Any], dict[str, Any] | str]:
+    def inputs(loaded: Loaded, ids: Any, mask: Any) -> dict[str, Any] | str:
+        if form.get("legacy"):
+            from conformance.compat import installed_version
+
+            version = installed_version("transformers")
+            if version is None or version.major >= 5:
+                return "transformers 5 takes Cache objects only (the legacy tuple format is gone)"
+        if form.get("explicit_cache"):
+            try:
+                from transformers import DynamicCache  # noqa: F401
+            except ImportError:
+                return "this transformers has no DynamicCache"
+            if getattr(loaded.model, "_supports_cache_class", True) is False:
+                return (f"{type(loaded.model).__name__} takes the legacy tuple cache only in this "
+                        "transformers (_supports_cache_class is False)")
+        return dict(form)
+    return inputs
+
+
+def cross_entropy(logits: Any, labels: Any) -> float:
+    """Mean next-token cross-entropy in float64, labels shifted by one (-100 ignored)."""
+    import torch
+
+    shift_logits = logits[:, :-1].to(torch.float64)
+    shift_labels = labels[:, 1:].to(shift_logits.device)
+    keep = shift_labels != -100
+    picked = shift_logits[keep]
+    return float((torch.logsumexp(picked, -1) - picked.gather(-1, shift_labels[keep][:, None])[:, 0]).mean())
+
+
+def _judge_loss(out: Any, ctx: Context) -> tuple[str | None, dict[str, Any]]:
+    """The returned loss is the cross-entropy of the returned logits (shifted by one); for kernel-
+    class variants it is also within 2x the logits' kernel bound of the golden logits' loss (the
+    cross-entropy moves at most 2 max|d logit| per token)."""
+    import torch
+
+    labels = causal_labels(ctx.ids, ctx.mask)
+    if not bool((labels[:, 1:] != -100).any()):
+        return None, {"loss": "no token to predict (every row has one real token)"}
+    loss = getattr(out, "loss", None)
+    if loss is None:
+        return "labels passed, no loss returned", {}
+    loss = float(loss)
+    logits = out.logits.detach().to("cpu", torch.float64)
+    own = cross_entropy(logits, labels)
+    # some models return the loss in the run dtype (4.48's gpt_neox: bf16): allow its rounding
+    tol = max(tolerances.LOSS_SELF_REL, compare.eps(ctx.dtype)) * max(1.0, abs(own))
+    figures: dict[str, Any] = {"loss": loss, "loss_from_logits": own, "loss_self_diff": abs(loss - own),
+                               "loss_self_bound": tol}
+    if not abs(loss - own) <= tol:
+        return (f"the returned loss {loss:.6g} is not the cross-entropy of the returned logits "
+                f"({own:.6g}, labels shifted by one; |diff| {abs(loss - own):.3g} > {tol:.3g})"), figures
+    return None, figures
+
+
+def _judge_attentions(out: Any, ctx: Context) -> tuple[str | None, dict[str, Any]]:
+    """Returned weights: causal models put no probability above the diagonal, nobody on masked
+    keys, and (kernel-class) each layer's weights are within the kernel bound of eager float64's
+    on each row alone. Not returned: recorded (the implementation's own choice, per stack)."""
+    import torch
+
+    attentions = getattr(out, "attentions", None)
+    layers = int(ctx.variant.model.config.num_hidden_layers)
+    if attentions is None or len(attentions) == 0 or all(a is None for a in attentions):
+        return None, {"output_attentions": "not returned"}
+    if len(attentions) != layers or any(a is None for a in attentions):
+        return (f"output_attentions=True returned {len(attentions)} layers' weights "
+                f"({sum(a is None for a in attentions)} None) for {layers} layers"), {}
+    eps = compare.eps(ctx.dtype)
+    real = ctx.mask.bool()
+    worst_leak = 0.0
+    for index, weights in enumerate(attentions):
+        w = weights.detach().to("cpu", torch.float64)
+        queries = real[:, None, :, None].expand_as(w)
+        masked_keys = (~real)[:, None, None, :].expand_as(w)
+        leak = float(w[queries & masked_keys].abs().max()) if bool((queries & masked_keys).any()) else 0.0
+        if ctx.variant.zoo.kind == "decoder":
+            above = torch.ones(w.shape[-2:], dtype=torch.bool).triu(1)[None, None].expand_as(w)
+            if bool((queries & above).any()):
+                leak = max(leak, float(w[queries & above].abs().max()))
+        worst_leak = max(worst_leak, leak)
+        if not leak <= eps:
+            return (f"layer {index}'s attention weights put {leak:.3g} on masked keys or above the "
+                    f"diagonal (> {eps:.3g})"), {"attention_leak": leak}
+    figures: dict[str, Any] = {"output_attentions": "returned", "attention_leak": worst_leak}
+    if not ctx.kernel_class:
+        return None, figures
+    golden = _golden_attentions(ctx)
+    plain = call_with(ctx.reference, ctx.ids, ctx.mask, {"output_attentions": True}).attentions
+    for index in range(layers):
+        err = ref_err = scale = 0.0
+        for row, want in enumerate(golden):
+            keep = real[row]
+            got = attentions[index][row].detach().to("cpu", torch.float64)[:, keep][:, :, keep]
+            ref = plain[index][row].detach().to("cpu", torch.float64)[:, keep][:, :, keep]
+            err = max(err, float((got - want[index]).abs().max()))
+            ref_err = max(ref_err, float((ref - want[index]).abs().max()))
+            scale = max(scale, float(want[index].abs().max()))
+        bound = compare.kernel_bound(ref_err, scale, ctx.dtype)[0]
+        figures.setdefault("attention_err_per_layer", []).append(err)
+        if not err <= bound:
+            return (f"layer {index}'s attention weights differ from eager float64's by {err:.3g} "
+                    f"> bound {bound:.3g} (eager {ctx.dtype}'s own error {ref_err:.3g})"), figures
+    return None, figures
+
+
+def _golden_attentions(ctx: Context) -> list[list[Any]]:
+    """Per row, each layer's golden weights over the row's real queries and keys."""
+    import torch
+
+    if ctx.per_row:
+        return _per_row_attentions(ctx.golden, ctx.ids, ctx.mask)
+    whole = call_with(ctx.golden, ctx.ids, ctx.mask, {"output_attentions": True}).attentions
+    real = ctx.mask.bool()
+    return [[w[row].detach().to("cpu", torch.float64)[:, real[row]][:, :, real[row]] for w in whole]
+            for row in range(ctx.ids.shape[0])]
+
+
+def _per_row_attentions(golden: Loaded, ids: Any, mask: Any) -> list[list[Any]]:
+    import torch
+
+    out = []
+    for row in range(ids.shape[0]):
+        real = mask[row].bool()
+        alone = ids[row][real][None]
+        weights = call_with(golden, alone, torch.ones_like(alone), {"output_attentions": True}).attentions
+        out.append([w[0].detach().to("cpu", torch.float64) for w in weights])
+    return out
+
+
+def _judge_hidden_states(out: Any, ctx: Context) -> tuple[str | None, dict[str, Any]]:
+    """One hidden state per layer and the embeddings; kernel-class variants: each within the
+    kernel bound of eager float64's on each row alone, in units of the plain reference's own
+    error at that layer."""
+    import torch
+
+    states = getattr(out, "hidden_states", None)
+    layers = int(ctx.variant.model.config.num_hidden_layers)
+    if states is None or len(states) != layers + 1:
+        return (f"output_hidden_states=True returned {0 if states is None else len(states)} states for "
+                f"{layers} layers (expected {layers + 1})"), {}
+    figures: dict[str, Any] = {"hidden_states": len(states)}
+    if not ctx.kernel_class:
+        return None, figures
+    real = ctx.mask.bool()
+    plain = call_with(ctx.reference, ctx.ids, ctx.mask, {"output_hidden_states": True}).hidden_states
+    golden: list[list[Any]] = []
+    if ctx.per_row:
+        for row in range(ctx.ids.shape[0]):
+            alone = ctx.ids[row][real[row]][None]
+            hs = call_with(ctx.golden, alone, torch.ones_like(alone),
+                           {"output_hidden_states": True}).hidden_states
+            golden.append([h[0].detach().to("cpu", torch.float64) for h in hs])
+    else:  # an encoder's left-padded batch: golden on the padded batch itself
+        hs = call_with(ctx.golden, ctx.ids, ctx.mask, {"output_hidden_states": True}).hidden_states
+        golden.append([compare.on_real(h.detach().to("cpu", torch.float64), ctx.mask) for h in hs])
+    for index in range(layers + 1):
+        want = torch.cat([g[index] for g in golden])
+        got = compare.on_real(states[index].detach().to("cpu", torch.float64), ctx.mask)
+        ref = compare.on_real(plain[index].detach().to("cpu", torch.float64), ctx.mask)
+        err, ref_err = float((got - want).abs().max()), float((ref - want).abs().max())
+        bound = compare.kernel_bound(ref_err, float(want.abs().max()), ctx.dtype)[0]
+        figures.setdefault("hidden_err_per_layer", []).append(err)
+        if not err <= bound:
+            return (f"hidden state {index} (after {'the embeddings' if index == 0 else f'layer {index - 1}'}"
+                    f") differs from eager float64's by {err:.3g} > bound {bound:.3g}"), figures
+    return None, figures
+
+
+def call_with(loaded: Loaded, ids: Any, mask: Any, extra: dict[str, Any]) -> Any:
+    from conformance.running import call_model, plain_inputs
+
+    inputs = {**plain_inputs(loaded, ids, mask), **extra}
+    if "input_ids" in inputs and inputs["input_ids"] is None:
+        del inputs["input_ids"]
+    return call_model(loaded, inputs)
+
+
+OPTIONS: dict[str, Option] = {o.name: o for o in [
+    Option("output_attentions", "output_attentions=True: the weights, where returned, are eager's",
+           BOTH, _flag("output_attentions", internals=True), same_kernels=False, extra=_judge_attentions),
+    Option("return_dict_false", "return_dict=False: a tuple, logits first", BOTH,
+           _flag("return_dict", False)),
+    Option("use_cache_false", "use_cache=False", DECODER, _flag("use_cache", False)),
+    Option("use_cache_true", "use_cache=True", DECODER, _flag("use_cache", True)),
+    Option("inputs_embeds", "inputs_embeds (the model's own embeddings of the ids) instead of input_ids",
+           BOTH, _inputs_embeds),
+    Option("token_type_ids", "token_type_ids of zeros (the default segment)", ENCODER, _token_type_ids),
+    Option("output_hidden_states", "output_hidden_states=True: every layer's state",
+           BOTH, _flag("output_hidden_states", internals=True), extra=_judge_hidden_states),
+    Option("labels", "labels: the loss is the cross-entropy of the logits", DECODER, _labels,
+           extra=_judge_loss),
+    Option("cache_position", "an explicit cache_position", DECODER, _cache_position),
+    Option("mask_none_cached", "no attention_mask at any step of cached decoding (vs all ones)",
+           DECODER, _form(pass_mask=False), same_kernels=False, cached=True, unpadded=True),
+    Option("cache_explicit_dynamic", "a DynamicCache() passed at prefill (vs the one the model builds)",
+           DECODER, _form(explicit_cache=True), cached=True),
+    Option("cache_legacy_tuple", "the legacy tuple cache between steps (transformers 4.x)",
+           DECODER, _form(legacy=True), cached=True),
+]}
