@@ -42,6 +42,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="checkpoint directory, cached hub id or zoo name; repeatable; replaces the zoo")
     group.addoption("--variant", action="append", default=[], metavar="GLOB",
                     help="run only variants matching this glob (e.g. 'sdpa_*'); repeatable")
+    group.addoption("--option", action="append", default=[], metavar="GLOB",
+                    help="test_options draws only the forward options matching this glob "
+                         "(conformance/options.py; e.g. 'mask_none*'); repeatable")
     group.addoption("--device", default=None, metavar="cpu|cuda|cuda:N",
                     help="device under test (default: cuda if available, else cpu)")
     group.addoption("--dtype", action="append", default=[], choices=DTYPE_NAMES,

@@ -18,7 +18,7 @@ USER_MODELS = pytest.StashKey["tuple[Any, ...]"]()
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PACKAGE_DIR.parent
 # the options of ours whose presence asks for the suite (dest names)
-OUR_OPTIONS = ("model", "variant", "device", "dtype", "threads", "xfails_file", "skips_file",
+OUR_OPTIONS = ("model", "variant", "option", "device", "dtype", "threads", "xfails_file", "skips_file",
                "conformance_report", "budgets", "baseline")
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import given, note
 
-from conformance import compare
+from conformance import compare, localize
 from conformance.cases import Case
 from conformance.checks import (
     dtype_honoured,
@@ -45,6 +45,10 @@ def test_logits(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) ->
             metrics["max_ref_ulps"] = max(metrics.get("max_ref_ulps", 0.0), figures["ref_ulps"])
         elif case.variant.tolerance == "kernel":
             problem, figures = compare.kernel_verdict(out, plain, expected, real, case.dtype)
+            if problem is not None:  # where it starts: the first layer out of its bound
+                figures["first_divergence"] = localize.localize(variant, reference, golden, batch,
+                                                                case.dtype)
+                problem = f"{problem}; {figures['first_divergence']['text']}"
         else:
             problem, figures = compare.quant_verdict(out, expected, real, case.dtype,
                                                      case.variant.tolerance, case.model.kind)
