@@ -49,10 +49,13 @@ GENERATION_PICKS = [(0, 12), (1, 5), (2, 20)]  # (prompt index, truncated to)
 NEW_TOKENS = 12
 SAVE_BATCH = BatchSpec((9, 4), "right", seed=16)
 
-# plan styles -> the weight dimension they shard, and the collective each module's forward issues
-SHARD_DIM = {"colwise": 0, "colwise_rep": 0, "colwise_gather_output": 0, "packed_colwise": 0,
-             "rowwise": 1, "rowwise_rep": 1, "packed_rowwise": 1, "embedding_rowwise": 0,
-             "embedding_colwise": 1, "grouped_gemm": 0}
+# plan styles -> the dimension of a weight they shard, counted from the end: a linear weight is
+# (out, in) and an experts tensor (experts, out, in), so column-wise shards -2 and row-wise -1
+# (a 1-D bias: column-wise shards it, row-wise replicates it); embeddings shard the vocabulary
+# (dim 0), grouped_gemm the experts (dim 0)
+SHARD_DIM = {"colwise": -2, "colwise_rep": -2, "colwise_gather_output": -2, "packed_colwise": -2,
+             "rowwise": -1, "rowwise_rep": -1, "packed_rowwise": -1, "embedding_rowwise": 0,
+             "embedding_colwise": -1, "grouped_gemm": 0}
 BIAS_SHARDED = {"colwise", "colwise_rep", "colwise_gather_output", "packed_colwise"}
 REDUCES = {"rowwise", "rowwise_rep", "packed_rowwise", "embedding_rowwise", "ep_dispatch_experts",
            "moe_tp_experts", "all_reduce"}
@@ -211,14 +214,10 @@ def _style(name: str, plan: dict[str, str]) -> str | None:
 def plans(model: Any, mode: str) -> dict[str, str]:
     """The plan rules the mode applies (tp: tp_plan; ep: tp_plan with ep_plan taking precedence)."""
     tp = dict(getattr(model, "tp_plan", {}) or {})
-    if mode == "ep":
-        ep = {pattern if pattern.startswith(model.base_model_prefix + ".") else
-              f"{model.base_model_prefix}.{pattern}": style
-              for pattern, style in (getattr(model, "ep_plan", {}) or {}).items()}
-        ep = {**ep, **{k: v for k, v in (getattr(model, "ep_plan", {}) or {}).items()}}
-        expert_modules = {k.rsplit(".", 1)[0] for k in ep}
-        tp = {k: v for k, v in tp.items() if k not in ep and k.rsplit(".", 1)[0] not in expert_modules
-              and k not in expert_modules}
+    if mode == "ep":  # a module with an EP rule keeps no TP rule
+        prefix = model.base_model_prefix
+        ep = {(k if k.startswith(prefix + ".") else f"{prefix}.{k}"): v
+              for k, v in (getattr(model, "ep_plan", {}) or {}).items()}
         return {**tp, **ep}
     return tp
 
@@ -238,13 +237,11 @@ def expected_layout(model: Any, mode: str, world_size: int) -> dict[int, dict[st
         module, leaf = name.rsplit(".", 1)
         style = _style(name, plan) or _style(module, plan)
         dim = SHARD_DIM.get(style or "")
-        if dim is not None and leaf == "bias" and style not in BIAS_SHARDED:
-            dim = None
-        if dim is not None and param.dim() == 1 and dim == 1:
-            dim = None
+        if dim is not None and param.dim() == 1:
+            dim = -1 if style in BIAS_SHARDED or style.startswith("embedding") else None
         for rank in range(world_size):
             shape = list(param.shape)
-            if dim is not None and dim < param.dim():
+            if dim is not None:
                 shape[dim] = _chunk(shape[dim], world_size, rank)
             out[rank][name] = tuple(shape)
     return out
@@ -263,7 +260,7 @@ def _pipeline_layout(model: Any, world_size: int) -> dict[int, dict[str, tuple[i
         end = start + per + (rank < extra)
         first, last = rank == 0, rank == world_size - 1
         held = {}
-        for name, param in model.named_parameters(remove_duplicate=False):
+        for name, param in model.named_parameters():  # a tied head is its embedding
             match = re.match(rf"{prefix}\.layers\.(\d+)\.", name)
             if match:
                 keep = start <= int(match.group(1)) < end

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from conformance.compat import force_sdpa_backend, legacy_sdp_kernel
+from conformance.compat import eager_experts, force_sdpa_backend, legacy_sdp_kernel
 from conformance.fa4 import EntryProof
 from conformance.needs import CURRENT_STACK, GPU_RUNNER, LEGACY_STACK, Needs
 from conformance.probes import Proof
@@ -675,7 +675,7 @@ GOLDEN = Variant(
     (),
     "eager attention in float64, each row alone and unpadded (float32 on the device for half "
     "dtypes on a GPU)",
-    load_kwargs=_attn("eager"),
+    load_kwargs=lambda dtype: {"attn_implementation": "eager", **eager_experts()},
     context=_float64_throughout,
 )
 GOLDEN_DEVICE = Variant(
