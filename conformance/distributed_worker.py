@@ -101,6 +101,9 @@ def _run_entry(entry: dict[str, Any], spec: dict[str, Any], rank: int, out: Path
     from conformance.zoo import ZooModel
 
     zoo_model = ZooModel(**entry["model"])
+    if entry["variant"] not in REGISTRY and entry.get("registered_by"):
+        module, function = entry["registered_by"].split(":")
+        getattr(importlib.import_module(module), function)()
     variant = REGISTRY[entry["variant"]]
     dtype, device, workdir = spec["dtype"], spec["device"], Path(spec["workdir"])
     if device.startswith("cuda"):
@@ -109,6 +112,7 @@ def _run_entry(entry: dict[str, Any], spec: dict[str, Any], rank: int, out: Path
     _mark(out, rank, f"{key}: load")
     loaded = load(zoo_model, variant, dtype, device, workdir)
     if variant.distributed.worker_hook:  # a planted fault's hook (tests/faults_distributed.py)
+        _mark(out, rank, f"{key}: worker hook {variant.distributed.worker_hook}")
         module, function = variant.distributed.worker_hook.split(":")
         getattr(importlib.import_module(module), function)(loaded.model, rank)
     whole = load(zoo_model, replace(REGISTRY["eager"]), dtype, "cpu", workdir)

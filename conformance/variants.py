@@ -40,6 +40,9 @@ class Distributed:
     world_size: int = 2
     replicated: bool = False
     worker_hook: str = ""
+    # "module:function" that registers this variant in a rank's process (a planted fault's
+    # catalogue registers its variants only when pytest asks; the ranks are no pytest)
+    registered_by: str = ""
 
     def load_kwargs(self) -> dict[str, Any]:
         if self.replicated:

@@ -78,7 +78,8 @@ def _spec(selection: Selection, dtype: str, device: str, root: Path) -> tuple[di
                 continue
             if distributed.plan_reason(_empty_model(model, str(root / "zoo")), variant):
                 continue
-            entries.append({"model": dataclasses.asdict(model), "variant": variant.id})
+            entries.append({"model": dataclasses.asdict(model), "variant": variant.id,
+                            "registered_by": variant.distributed.registered_by})
             sizes.add(variant.distributed.world_size)
     backend = "nccl" if device.startswith("cuda") else "gloo"
     return ({"dtype": dtype, "device": device, "backend": backend, "workdir": str(root / "zoo"),
@@ -126,8 +127,9 @@ def _out(result: distributed.GroupResult, case: Case, task: str) -> Any:
 
 @pytest.fixture
 def group(case: Case, model_cache: ModelCache, conformance_selection: Any, distributed_root: Path,
-          metrics: dict[str, Any]) -> tuple[distributed.GroupResult, list[dict[str, Any]]]:
-    return _group(case, model_cache, conformance_selection, distributed_root, metrics)
+          metrics: dict[str, Any]) -> Any:
+    """The group's results, fetched in the test's body (a crashed rank fails the test, not setup)."""
+    return lambda: _group(case, model_cache, conformance_selection, distributed_root, metrics)
 
 
 def placement_problems(case: Case, empty: Any, figures: list[dict[str, Any]],
@@ -144,6 +146,7 @@ def placement_problems(case: Case, empty: Any, figures: list[dict[str, Any]],
     collectives = distributed.expected_collectives(empty, dist.mode, dist.world_size)
     whole = sum(p.numel() for p in empty.parameters()) * itemsize
     problems: list[str] = []
+    first: list[str] = []  # what a replicated or mis-sharded model shows first
     metrics.update(whole_model_bytes=whole, expected_collectives=collectives, ranks={})
     for rank, found in enumerate(figures):
         params, want = found["params"], layout[rank]
@@ -167,7 +170,7 @@ def placement_problems(case: Case, empty: Any, figures: list[dict[str, Any]],
             elif shape != tuple(got["shape"]) and not got["dtensor"]:
                 problems.append(f"rank {rank}: {name} is sharded but no DTensor")
         if found["shard_problems"]:
-            problems.append(f"rank {rank}: local shards are not the plan's slice of the whole model "
+            first.append(f"rank {rank}: local shards are not the plan's slice of the whole model "
                             f"for {len(found['shard_problems'])} parameters, e.g. "
                             f"{found['shard_problems'][:3]} (a shard loaded on the wrong rank)")
         if held != planned:
@@ -176,7 +179,7 @@ def placement_problems(case: Case, empty: Any, figures: list[dict[str, Any]],
         short = {kind: (counted.get(kind, 0), n) for kind, n in collectives.items()
                  if counted.get(kind, 0) < n}
         if short:
-            problems.append(f"rank {rank}: the forward issued fewer collectives than the plan's "
+            first.append(f"rank {rank}: the forward issued fewer collectives than the plan's "
                             f"modules need: {short} (counted, needed): a replicated model runs none")
         counter = OpCounter()
         counter.counts.update(found["ops"])
@@ -188,8 +191,8 @@ def placement_problems(case: Case, empty: Any, figures: list[dict[str, Any]],
         differ = [k for k, v in digest.items() if abs(v - digests[0].get(k, float("nan"))) >
                   1e-9 * max(1.0, abs(v))]
         if differ:
-            problems.append(f"rank {rank}'s outputs differ from rank 0's on {differ[:3]}")
-    return problems
+            first.append(f"rank {rank}'s outputs differ from rank 0's on {differ[:3]}")
+    return first + problems
 
 
 @pytest.mark.cases(**DIST)
@@ -197,7 +200,7 @@ def test_distributed_placement(case: Case, group: Any, model_cache: ModelCache,
                                distributed_root: Path, metrics: dict[str, Any]) -> None:
     """Each rank holds only its shard (shapes, contents, bytes) and the forward ran the plan's
     collectives."""
-    _, figures = group
+    _, figures = group()
     empty = _empty_model(case.model, str(distributed_root / "zoo"))
     problems = placement_problems(case, empty, figures, metrics)
     assert not problems, f"{case.id}: " + "; ".join(problems[:4])
@@ -206,7 +209,7 @@ def test_distributed_placement(case: Case, group: Any, model_cache: ModelCache,
 @pytest.mark.cases(paddings=("none", "right", "left"), **DIST)
 def test_distributed_logits(case: Case, group: Any, model_cache: ModelCache,
                             metrics: dict[str, Any]) -> None:
-    result, _ = group
+    result, _ = group()
     _, reference, golden = load_or_fail(model_cache, replace(case, variant=REGISTRY[REFERENCE]))
     batch = distributed.LOGITS[case.padding]
     expected = golden_outputs(model_cache, golden, batch)
@@ -237,7 +240,7 @@ def _judge(case: Case, metrics: dict[str, Any], got: Any, want: Any, noise: tupl
 @pytest.mark.cases(**DIST)
 def test_distributed_padding_invariance(case: Case, group: Any, model_cache: ModelCache,
                                         metrics: dict[str, Any]) -> None:
-    result, _ = group
+    result, _ = group()
     noise = _noise(case, model_cache)
     canonical = distributed.PADDING
     alone = _out(result, case, "padding/alone")[canonical.mask().bool()]
@@ -250,7 +253,7 @@ def test_distributed_padding_invariance(case: Case, group: Any, model_cache: Mod
 @pytest.mark.cases(**DIST)
 def test_distributed_batch_invariance(case: Case, group: Any, model_cache: ModelCache,
                                       metrics: dict[str, Any]) -> None:
-    result, _ = group
+    result, _ = group()
     noise = _noise(case, model_cache)
     reference = model_cache.get(case.model, REGISTRY[REFERENCE], case.dtype)
     batch = distributed.BATCH
@@ -265,7 +268,7 @@ def test_distributed_batch_invariance(case: Case, group: Any, model_cache: Model
 @pytest.mark.cases(**DIST)
 def test_distributed_cache_consistency(case: Case, group: Any, model_cache: ModelCache,
                                        metrics: dict[str, Any]) -> None:
-    result, _ = group
+    result, _ = group()
     noise = _noise(case, model_cache)
     mask = distributed.CACHE.mask()
     _judge(case, metrics, compare.on_real(_out(result, case, "cache/dynamic"), mask),
@@ -278,7 +281,7 @@ def test_distributed_generation(case: Case, group: Any, model_cache: ModelCache,
                                 metrics: dict[str, Any]) -> None:
     import torch
 
-    result, _ = group
+    result, _ = group()
     _, reference, golden = load_or_fail(model_cache, replace(case, variant=REGISTRY[REFERENCE]))
     corpus = generation.prompts(case.model.location)
     if not corpus:
@@ -313,7 +316,7 @@ def test_distributed_save_load(case: Case, group: Any, model_cache: ModelCache,
     holds the original weights bitwise and gives the plain model's outputs bitwise."""
     import torch
 
-    result, _ = group
+    result, _ = group()
     if case.variant.distributed.mode == "pp":
         pytest.skip(not_applicable("a pipeline stage holds only its own layers; transformers' naive "
                                    "pipeline has no gathered save"))
