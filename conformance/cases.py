@@ -48,17 +48,24 @@ def expand(
     variant_filter: Any = None,
     model_filter: Any = None,
     dtypes: tuple[str, ...] | None = None,
+    distributed: bool = False,
+    model_source: Any = None,
 ) -> list[tuple[Case, str | None]]:
     """(case, skip reason or None) for every applicable combination, in a stable order; `dtypes`
-    replaces the run's dtypes for a check that runs in its own (float64 agreement)."""
+    replaces the run's dtypes for a check that runs in its own (float64 agreement). Distributed
+    variants (sharded over several processes) expand only for checks that ask for them
+    (`distributed=True`, test_distributed.py), and such a check gets only them; `model_source`
+    (selection -> models) replaces the run's models (the distributed checks add their MoE model)."""
     out = []
-    for model in selection.models:
+    for model in (model_source(selection) if model_source is not None else selection.models):
         if kinds is not None and model.kind not in kinds:
             continue
         if model_filter is not None and not model_filter(model):
             continue
         for variant in selection.variants:
             if model.kind not in variant.kinds:
+                continue
+            if (variant.distributed is not None) != distributed:
                 continue
             if variant_filter is not None and not variant_filter(variant):
                 continue

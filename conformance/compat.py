@@ -97,3 +97,14 @@ def parse_dtype(name: str) -> Any:
     if name not in table:
         raise KeyError(f"unknown dtype {name!r}; known: {', '.join(table)}")
     return table[name]
+
+
+@cache
+def eager_experts() -> dict[str, Any]:
+    """Load kwargs for the golden run's mixture-of-experts layers: eager expert loops where the
+    config knows an experts implementation (transformers 5.x, whose default grouped_mm kernel
+    refuses float64: "Expected mat_a to be Float32, BFloat16 or Float16 matrix, got Double");
+    nothing elsewhere (a no-op for dense models)."""
+    from transformers import PretrainedConfig
+
+    return {"experts_implementation": "eager"} if hasattr(PretrainedConfig, "_experts_implementation") else {}

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from conformance.compat import force_sdpa_backend, legacy_sdp_kernel
+from conformance.compat import eager_experts, force_sdpa_backend, legacy_sdp_kernel
 from conformance.fa4 import EntryProof
 from conformance.needs import CURRENT_STACK, GPU_RUNNER, LEGACY_STACK, Needs
 from conformance.probes import Proof
@@ -23,6 +23,33 @@ HALF = frozenset({"fp16", "bf16"})
 
 SDPA_OPS = ("aten::_scaled_dot_product*",)
 EAGER_SOFTMAX = ("aten::_softmax",)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """How a distributed variant shards: transformers' DistributedConfig over `world_size` ranks.
+
+    `plan` names the model's plan it needs (tp_plan, ep_plan, pp_plan): a model without one is
+    "not applicable". `replicated` loads without the config (a planted fault: the "parallel" model
+    every rank holds whole); `worker_hook` ("module:function") runs on every rank after loading.
+    """
+
+    mode: str  # "tp" | "pp" | "ep"
+    config: Mapping[str, Any]
+    plan: str
+    world_size: int = 2
+    replicated: bool = False
+    worker_hook: str = ""
+    # "module:function" that registers this variant in a rank's process (a planted fault's
+    # catalogue registers its variants only when pytest asks; the ranks are no pytest)
+    registered_by: str = ""
+
+    def load_kwargs(self) -> dict[str, Any]:
+        if self.replicated:
+            return {}
+        from transformers.distributed import DistributedConfig
+
+        return {"distributed_config": DistributedConfig(**self.config)}
 
 
 @dataclass(frozen=True)
@@ -55,6 +82,9 @@ class Variant:
     # a path with its own loading (None: from_pretrained with load_kwargs): called as
     # loader(source, kind, torch dtype, device, kwargs) and returns the model, placed
     loader: Callable[..., Any] | None = None
+    # a model sharded over several processes by transformers itself (None: one process); such a
+    # variant runs only in test_distributed.py, through conformance/distributed.py's launcher
+    distributed: Distributed | None = None
 
     def proof_for(self, kind: str) -> Proof | None:
         return self.proof.get(kind)
@@ -367,6 +397,65 @@ BT_REFUSALS = (
 )
 
 
+# Distributed inference (C12, C14): transformers 5.x shards the model itself over torch.distributed
+# (DistributedConfig: tp_size, ep_size, pp_size), gloo on CPU ranks, nccl on GPUs. The proof is
+# the plan's collectives in the very forward whose outputs are judged (test_distributed.py also
+# checks the shards, their contents and the bytes per rank against the plan).
+ALL_REDUCE_OPS = ("c10d::allreduce_", "_c10d_functional::all_reduce*")
+ALL_GATHER_OPS = ("c10d::allgather*", "c10d::_allgather*", "_c10d_functional::all_gather*")
+ALL_TO_ALL_OPS = ("c10d::alltoall*", "_c10d_functional::all_to_all*")
+P2P_OPS = ("c10d::send", "c10d::recv_*", "c10d::broadcast_")
+COLLECTIVE_OPS = ALL_REDUCE_OPS + ALL_GATHER_OPS + ALL_TO_ALL_OPS + P2P_OPS
+TP_PROOF = Proof(ALL_REDUCE_OPS, minimum="layers",
+                 what="a row-parallel all-reduce per layer at least (the plan's count is checked too)")
+PP_PROOF = Proof(P2P_OPS, minimum=1, what="stage-to-stage send/recv and the logits' broadcast")
+# DistributedConfig exists with tp_size/pp_size/ep_size in transformers 5.x (verified on 5.24)
+DIST_NEEDS = dict(packages={"transformers": ">=5.0", "torch": ">=2.5"},
+                  dtypes={"cpu": frozenset({"fp32"})}, where=CURRENT_STACK,
+                  dtype_note="distributed variants run fp32 on CPU ranks (gloo; one dtype keeps the "
+                             "launches few); half precision on GPUs (nccl)")
+
+
+def _distributed(vid: str, summary: str, dist: Distributed, proof: Any, attn: str = "eager",
+                 context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+                 needs: Needs | None = None) -> Variant:
+    return Variant(
+        vid, ("C12", "C14"), summary, needs=needs or Needs(**DIST_NEEDS),
+        load_kwargs=lambda dtype: {**dist.load_kwargs(), "attn_implementation": attn},
+        context=context, proof=_both(proof), kinds=DECODERS, distributed=dist,
+        refusals=("has no `tp_plan`", "has no `ep_plan`", "has no `pp_plan`"),
+    )
+
+
+def _tp_sdpa(backend: str) -> Variant:
+    forced = FORCED_SDPA[backend]
+    needs = forced.needs
+    return _distributed(
+        f"tp2+sdpa_{backend}", f"tensor parallel over 2 ranks, SDPA forced to the {backend} backend",
+        TP2, AllProofs((TP_PROOF, forced.proof["decoder"])), attn="sdpa", context=forced.context,
+        needs=Needs(packages={**DIST_NEEDS["packages"], **needs.packages}, devices=needs.devices,
+                    min_capability=needs.min_capability,
+                    dtypes={"cpu": frozenset({"fp32"}), **({"cuda": needs.dtypes["cuda"]}
+                                                           if "cuda" in needs.dtypes else {})},
+                    where=needs.where or CURRENT_STACK, dtype_note=DIST_NEEDS["dtype_note"]))
+
+
+TP2 = Distributed("tp", {"tp_size": 2}, "tp_plan")
+# expert parallel: transformers 5.24 lays experts over tp x fsdp ranks (ep_size must divide
+# fsdp_size * tp_size), so ep over 2 ranks comes with tp_size=2; the experts are sharded by expert
+EP2 = Distributed("ep", {"tp_size": 2, "ep_size": 2}, "ep_plan")
+PP2 = Distributed("pp", {"pp_size": 2}, "pp_plan")
+DISTRIBUTED_VARIANTS = [
+    _distributed("tp2", "tensor parallel over 2 ranks: DistributedConfig(tp_size=2), the model's tp_plan",
+                 TP2, TP_PROOF),
+    *(_tp_sdpa(backend) for backend in FORCED_SDPA),
+    _distributed("ep2", "expert parallel over 2 ranks: DistributedConfig(tp_size=2, ep_size=2), experts "
+                 "sharded by expert", EP2, TP_PROOF),
+    _distributed("pp2", "pipeline parallel over 2 ranks: DistributedConfig(pp_size=2), layers split evenly",
+                 PP2, PP_PROOF),
+]
+
+
 REGISTRY: dict[str, Variant] = {
     v.id: v
     for v in [
@@ -526,6 +615,7 @@ REGISTRY: dict[str, Variant] = {
                   "on GPU)",
                   Needs(packages={"torch": ">=2.1", "transformers": ">=4.38"}, **COMPILE_NEEDS),
                   mode="auto", fullgraph=True, static_cache=True),
+        *DISTRIBUTED_VARIANTS,
     ]
 }
 
@@ -588,7 +678,7 @@ GOLDEN = Variant(
     (),
     "eager attention in float64, each row alone and unpadded (float32 on the device for half "
     "dtypes on a GPU)",
-    load_kwargs=_attn("eager"),
+    load_kwargs=lambda dtype: {"attn_implementation": "eager", **eager_experts()},
     context=_float64_throughout,
 )
 GOLDEN_DEVICE = Variant(

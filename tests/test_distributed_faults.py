@@ -1,0 +1,49 @@
+"""Planted faults in sharded execution (faults_distributed.py) are caught by the check each names,
+the healthy tp2 passes the same selection, and a crashed or hung rank is one failure line naming
+the rank and the cause."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from faults_distributed import FAULTS, LAUNCH_FAULTS, DistFault
+
+from conftest import DETECTIONS
+
+
+def _run(pytester: pytest.Pytester, run_suite: Any, variant: str, check: str, name: str,
+         selection: str = "") -> list[dict[str, Any]]:
+    out = pytester.path / name
+    keyword = f"test_{check} and {selection}" if selection else f"test_{check}"
+    run_suite("-p", "faults_distributed", "--pyargs", "conformance.suite.test_distributed", "-q",
+              "-p", "no:randomly", "--model", "llama", "--dtype", "fp32", "--variant", variant,
+              "-k", keyword, f"--conformance-report={out}")
+    return json.loads((out / "report.json").read_text())["results"]
+
+
+def _caught(results: list[dict[str, Any]], fault: DistFault) -> str:
+    failed = [r for r in results if r["outcome"] == "failed" and r["check"] == fault.check]
+    assert failed, f"{fault.description}: expected {fault.check} to fail, got " \
+                   f"{[(r['outcome'], r['reason'][:200]) for r in results]}"
+    hit = [r["reason"] for r in failed if fault.message in r["reason"]]
+    assert hit, [r["reason"] for r in failed]
+    return hit[0]
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
+def test_distributed_fault_is_caught(pytester: pytest.Pytester, run_suite: Any, fault: DistFault) -> None:
+    healthy = _run(pytester, run_suite, "tp2", fault.check, "healthy", fault.selection)
+    assert healthy and all(r["outcome"] == "passed" for r in healthy), healthy
+    figure = _caught(_run(pytester, run_suite, fault.name, fault.check, "planted", fault.selection), fault)
+    DETECTIONS.append((f"distributed:{fault.name}", fault.check, "caught", figure.split(": ", 1)[-1][:110]))
+
+
+@pytest.mark.parametrize("fault", LAUNCH_FAULTS, ids=[f.name for f in LAUNCH_FAULTS])
+def test_failed_rank_is_one_line(pytester: pytest.Pytester, run_suite: Any, monkeypatch: pytest.MonkeyPatch,
+                                 fault: DistFault) -> None:
+    monkeypatch.setenv("CONFORMANCE_DIST_TIMEOUT", "25")
+    results = _run(pytester, run_suite, fault.name, fault.check, "planted")
+    reason = _caught(results, fault)
+    assert "\n" not in reason.strip() and "rank 1" in reason, reason
