@@ -50,7 +50,8 @@ EXIT_UNUSABLE = 4  # the exit code of one-line refusals (no CUDA, a missing whee
 
 # Mean seconds per executed case of each check, measured on this project's 2-core CPU machine
 # (reports/full2-current, the default run on transformers 5.24 with -n 2, 2026-12-01; `mean
-# duration_s` over the passed/failed/xfailed records). A GPU case of the zoo's tiny models is
+# duration_s` over the passed/failed/xfailed records; options and output_attentions from
+# reports/s14-current, the same run with them). A GPU case of the zoo's tiny models is
 # launch-bound, not compute-bound; until the first H200 run measures it, the plan takes it as
 # GPU_OVER_CPU times the CPU figure (an assumption, stated in every plan).
 CHECK_SECONDS = {
@@ -61,7 +62,7 @@ CHECK_SECONDS = {
     "quantized_memory_cap": 0.44, "quantized_quality": 0.24, "quantized_save_after_use": 0.15,
     "quantized_save_load": 0.17, "save_load": 0.14, "disk_offload": 0.16, "device_map_plan": 0.03,
     "memory_cap_forces_disk_offload": 0.18, "tied_weights_offloaded": 0.09,
-    "disk_offload_without_folder_is_refused": 0.02,
+    "disk_offload_without_folder_is_refused": 0.02, "options": 0.13, "output_attentions": 0.08,
 }
 DEFAULT_CHECK_SECONDS = 0.3  # a check not in the table: about the logits check's cost
 GPU_OVER_CPU = 2.0
@@ -121,7 +122,8 @@ class Phase:
 DECODERS_PROPS = ("llama", "mistral")  # GQA and a sliding window
 ENCODER_PROPS = ("bert",)
 PROPERTIES = ("padding_invariance", "batch_invariance", "mask_equivalence", "packed_equivalence",
-              "fully_padded_and_tiny", "determinism", "cache_consistency")
+              "fully_padded_and_tiny", "determinism", "cache_consistency", "options",
+              "output_attentions")
 QUANT = ("quantized_*", "logits")
 NOT_FA4 = ("eager", "sdpa*", "sdp_kernel*")
 FLASH = ("*fa2*", "*fa4*")  # FA2 is not on the lent machine (sdist only); FA4 is call 2's
@@ -145,8 +147,9 @@ PHASES: tuple[Phase, ...] = (
         # the refusals (C02 in fp32 on a GPU; bitsandbytes misuse)
         Rule(("*refuses*", "quantized_cast_refused"), not_variants=FLASH),
     ), env={"CONFORMANCE_COMPILE": "1"}),
-    Phase("budgets", 1, (Rule(("speed_memory_budget", "footprint_budget"),
-                              variants=("sdpa*", "bnb_*"), not_variants=FLASH),), budgets=True),
+    # fp16 only in the lease (bf16's sweep is sm90.toml's too: it runs on an unhurried runner)
+    Phase("budgets", 1, (Rule(("speed_memory_budget", "footprint_budget"), variants=("sdpa*", "bnb_*"),
+                              dtypes=("fp16",), not_variants=FLASH),), budgets=True),
     Phase("fa4", 2, (
         Rule(("logits",), variants=("fa4", "bnb_*+fa4")),
         Rule(PROPERTIES, variants=("fa4",), models=DECODERS_PROPS),
