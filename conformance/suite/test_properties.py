@@ -9,6 +9,7 @@ in units of the plain same-dtype reference's own rounding error on the same sequ
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -45,10 +46,25 @@ DECODERS = frozenset({"decoder"})
 
 
 def _judge(metrics: dict[str, Any], batch: BatchSpec, case: Case, problem: str | None,
-           figures: dict[str, Any]) -> None:
+           figures: dict[str, Any], where: Callable[[], dict[str, Any]] | None = None) -> None:
+    """Keep the worst figures; on a failure of a kernel-class variant, `where()` localizes it
+    (conformance/localize.py) and the message names the first layer out of bound."""
     __tracebackhide__ = True
+    if problem is not None and where is not None and case.variant.tolerance == "kernel":
+        figures["first_divergence"] = found = where()
+        problem = f"{problem}; {found['text']}"
     keep_worst(metrics, figures, batch)
     assert problem is None, f"{case.id}: {problem}"
+
+
+def _located(cache: ModelCache, case: Case, batch: BatchSpec,
+             run: Callable[[], Any] | None = None) -> Callable[[], dict[str, Any]]:
+    """The localization of a failing example: the variant's call `run` (default: its plain
+    padded forward on `batch`) traced against golden and the reference."""
+    def where() -> dict[str, Any]:
+        variant, reference, golden = load_or_fail(cache, case)
+        return localize.localize(variant, reference, golden, batch, case.dtype, run)
+    return where
 
 
 # cached decoding costs one forward per chunk: up to 33 covers the 32-wide kernel tile's boundary
@@ -107,7 +123,7 @@ def test_padding_invariance(case: Case, model_cache: ModelCache, metrics: dict[s
             problem, figures = _verdict(
                 case, compare.on_real(out, spec.mask()), alone, noise, scale,
                 f"{side}-padded batch vs each sequence alone")
-            _judge(metrics, spec, case, problem, figures)
+            _judge(metrics, spec, case, problem, figures, _located(model_cache, case, spec))
 
     check()
     if len(metrics.get("refused", {})) == len(_sides(case)):
@@ -170,7 +186,8 @@ def test_mask_equivalence(case: Case, model_cache: ModelCache, metrics: dict[str
         problem, figures = _verdict(
             case, compare.on_real(without, mask), compare.on_real(with_mask, mask), noise, scale,
             "no attention mask vs an all-ones mask")
-        _judge(metrics, batch, case, problem, figures)
+        _judge(metrics, batch, case, problem, figures, _located(
+            model_cache, case, batch, lambda: _run(variant, {"input_ids": ids.to(variant.device)})))
 
     check()
 
@@ -254,7 +271,9 @@ def test_cache_consistency(case: Case, cache_kind: str, model_cache: ModelCache,
         problem, figures = _verdict(
             case, compare.on_real(cached, mask), compare.on_real(full, mask), noise, scale,
             f"{cache_kind}-cache decoding in chunks {chunks} vs one full forward")
-        _judge(metrics, batch, case, problem, figures)
+        _judge(metrics, batch, case, problem, figures, _located(
+            model_cache, case, batch,
+            lambda: decoding.incremental(variant, ids, mask, chunks, cache_kind)))
 
     check()
 
@@ -447,11 +466,7 @@ def _options(case: Case, model_cache: ModelCache, metrics: dict[str, Any], exclu
         else:
             problem, figures = _verdict(case, compare.on_real(got, mask), compare.on_real(plain, mask),
                                         noise, scale, what)
-        if problem is not None and case.variant.tolerance == "kernel":
-            found = localize.localize(variant, reference, golden, batch, case.dtype, traced)
-            figures["first_divergence"] = found
-            problem = f"{problem}; {found['text']}"
-        _judge(metrics, batch, case, problem, figures)
+        _judge(metrics, batch, case, problem, figures, _located(model_cache, case, batch, traced))
         if option.extra is not None and out is not None:
             context = Context(variant, reference, golden, ids, mask, batch.padding, case.dtype,
                               kernel_class=case.variant.tolerance == "kernel",
