@@ -11,6 +11,7 @@ import inspect
 from typing import Any
 
 from conformance.running import Loaded
+from conformance.timing import forward_phase
 
 CACHE_KINDS = ("dynamic", "static")
 
@@ -68,7 +69,7 @@ def incremental(loaded: Loaded, input_ids: Any, mask: Any, chunks: list[int], ca
     cache = _static_cache(loaded, input_ids.shape[0], input_ids.shape[1]) \
         if cache_kind == "static" else None
     outs, start = [], 0
-    with torch.inference_mode(), loaded.variant.context():
+    with forward_phase(loaded), torch.inference_mode(), loaded.variant.context():
         for size in chunks:
             end = start + size
             inputs: dict[str, Any] = {
@@ -104,7 +105,7 @@ def in_form(loaded: Loaded, input_ids: Any, mask: Any, chunks: list[int], pass_m
 
         cache = DynamicCache()
     outs, start = [], 0
-    with torch.inference_mode(), loaded.variant.context():
+    with forward_phase(loaded), torch.inference_mode(), loaded.variant.context():
         for size in chunks:
             end = start + size
             inputs: dict[str, Any] = {"input_ids": input_ids[:, start:end], "use_cache": True}
@@ -130,7 +131,7 @@ def full_with_cache_off(loaded: Loaded, input_ids: Any, mask: Any) -> Any:
     from conformance.running import _tensors
 
     inputs = _tensors(loaded, input_ids, mask)
-    with torch.inference_mode(), loaded.variant.context():
+    with forward_phase(loaded), torch.inference_mode(), loaded.variant.context():
         out = loaded.model(**inputs, use_cache=False)
     return out.logits.detach().to("cpu", torch.float64)
 
@@ -161,7 +162,7 @@ def packed(loaded: Loaded, rows: list[Any]) -> Any:
 
     ids = torch.cat(rows)[None].to(loaded.device)
     positions = torch.cat([torch.arange(len(r)) for r in rows])[None].to(loaded.device)
-    with torch.inference_mode(), loaded.variant.context():
+    with forward_phase(loaded), torch.inference_mode(), loaded.variant.context():
         out = loaded.model(input_ids=ids, position_ids=positions, use_cache=False)
     return out.logits.detach().to("cpu", torch.float64)[0]
 

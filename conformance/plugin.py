@@ -247,6 +247,13 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             f"conformance: expectation {entry.where} {entry.pattern!r} matched no test",
             yellow=True,
         )
+    spent = _time_totals(terminalreporter)
+    if any(spent["counts"].values()):
+        counts, split = spent["counts"], spent["time_split_s"]
+        terminalreporter.write_line(
+            f"conformance: {counts.get('loads', 0)} loads, {counts.get('forwards', 0)} forwards "
+            f"({counts.get('golden_forwards', 0)} golden); time: "
+            + ", ".join(f"{name.replace('_', ' ')} {seconds:.1f} s" for name, seconds in split.items()))
     skipped = terminalreporter.stats.get("skipped", [])
     inapplicable = [r for r in skipped if _outcome(r)[0] == "not_applicable"]
     if inapplicable:
@@ -259,6 +266,23 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         gating = config.stash[GATING]
         for line in table_lines(gating):
             terminalreporter.write_line(line, red=bool(gating["regressions"]))
+
+
+def _time_totals(terminalreporter: Any) -> dict[str, Any]:
+    """The run's loads, forwards and time split, summed over the checks' teardown reports (the
+    controller sees the workers' reports under xdist)."""
+    from conformance.timing import totals
+
+    records = []
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "when", None) != "teardown":
+                continue
+            info = next((v for k, v in getattr(report, "user_properties", ()) if k == "conformance"),
+                        None)
+            if info is not None:
+                records.append(info)
+    return totals(records)
 
 
 def _smoke_models(chosen: Any) -> set[str]:
@@ -312,6 +336,19 @@ def _info(item: pytest.Item) -> dict[str, Any]:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if asked(item.config):
         _info(item)
+        from conformance.timing import open_ledger
+
+        open_ledger()  # where this check's time goes (conformance/timing.py)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    if asked(item.config):
+        from conformance.timing import close_ledger
+
+        found = close_ledger()
+        if found is not None:
+            _info(item)["metrics"].update(found)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -212,6 +212,12 @@ def markdown(body: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| `{b['check']}` | {b['budget']} | {_fmt(b['seq'])} | {_fmt(b['measured'])} | "
                   f"{b['interval']} | {_fmt(b['limit'])} | {b['verdict']} |" for b in budgets]
+    split, slowest = time_rows(body)
+    if split:
+        lines += ["", "## Where the time goes", "", split, "",
+                  "| slowest checks | s | " + " | ".join(TIME_HEADS) + " |",
+                  "|---|---|" + "---|" * len(TIME_HEADS)]
+        lines += [f"| `{row[0]}` | " + " | ".join(row[1:]) + " |" for row in slowest]
     failures = [r for r in results if r["outcome"] in ("failed", "error", "xpassed")]
     if failures:
         lines += ["", "## Failures", ""]
@@ -222,6 +228,32 @@ def markdown(body: dict[str, Any]) -> str:
         lines += ["", "## Inconclusive (neither passed nor failed)", ""]
         lines += [f"- `{r['nodeid']}`: {r['reason'].splitlines()[0][:400]}" for r in undecided]
     return "\n".join(lines) + "\n"
+
+
+TIME_HEADS = ("loading", "golden", "reference", "variant", "proof counting", "rest")
+
+
+def time_rows(body: dict[str, Any], slowest: int = 10) -> tuple[str, list[list[str]]]:
+    """The run's time split and counts as one line, and the slowest checks with their split."""
+    from conformance.timing import PHASES
+
+    summary = body.get("summary", {})
+    split, counts = summary.get("time_split_s") or {}, summary.get("counts") or {}
+    if not split:
+        return "", []
+    total = sum(split.values()) or 1.0
+    line = (f"{counts.get('loads', 0)} loads, {counts.get('forwards', 0)} forwards "
+            f"({counts.get('golden_forwards', 0)} golden). Check time {total:.1f} s: " + ", ".join(
+                f"{name.replace('_', ' ')} {split.get(name, 0.0):.1f} s ({split.get(name, 0.0) / total:.0%})"
+                for name in (*PHASES, "rest")))
+    timed = [r for r in body.get("results", []) if r.get("metrics", {}).get("time_split_s")]
+    timed.sort(key=lambda r: -r.get("duration_s", 0.0))
+    rows = []
+    for r in timed[:slowest]:
+        own = r["metrics"]["time_split_s"]
+        rows.append([r["nodeid"].split("::")[-1], f"{r.get('duration_s', 0.0):.2f}",
+                     *(f"{own.get(name, 0.0):.2f}" for name in (*PHASES, "rest"))])
+    return line, rows
 
 
 # ---- plots ------------------------------------------------------------------------------------
@@ -460,6 +492,11 @@ def html_page(body: dict[str, Any]) -> str:
              _e(b["interval"]), _e(b["limit"]),
              f"<span class='{_e(b['verdict'])}'>{_e(b['verdict'])}</span>", _e(b["file"])]
             for b in budgets]))
+    split, slowest = time_rows(body)
+    if split:
+        parts.append(f"<h2>Where the time goes</h2><p>{_e(split)}</p>")
+        parts.append(_table(["slowest checks", "s", *TIME_HEADS],
+                            [[f"<code>{_e(row[0])}</code>", *map(_e, row[1:])] for row in slowest]))
     failures = [r for r in results if r["outcome"] in ("failed", "error", "xpassed")]
     if failures:
         parts.append("<h2>Failures</h2><ul>")

@@ -94,7 +94,11 @@ class Report:
         outcomes: dict[str, int] = {}
         for record in self.records.values():
             outcomes[record.outcome] = outcomes.get(record.outcome, 0) + 1
-        return {"by_claim": dict(sorted(by_claim.items())), "outcomes": dict(sorted(outcomes.items()))}
+        from conformance.timing import totals
+
+        spent = totals([r.as_json() for r in self.records.values()])
+        return {"by_claim": dict(sorted(by_claim.items())), "outcomes": dict(sorted(outcomes.items())),
+                "time_split_s": spent["time_split_s"], "counts": spent["counts"]}
 
 
 def _jsonable(value: Any) -> Any:

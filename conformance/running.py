@@ -47,7 +47,15 @@ class Loaded:
 
 
 def load(zoo_model: ZooModel, variant: Variant, dtype: str, device: str, workdir: Path) -> Loaded:
-    """from_pretrained with the variant's kwargs, then its post-load step; errors become LoadError."""
+    """from_pretrained with the variant's kwargs, then its post-load step; errors become LoadError.
+    Every load is counted and timed (conformance/timing.py), fresh copies a check needs too."""
+    from conformance.timing import spend
+
+    with spend("loading", loads=1):
+        return _load(zoo_model, variant, dtype, device, workdir)
+
+
+def _load(zoo_model: ZooModel, variant: Variant, dtype: str, device: str, workdir: Path) -> Loaded:
 
     torch_dtype = parse_dtype(dtype)
     try:
@@ -95,7 +103,10 @@ def call_model(loaded: Loaded, inputs: dict[str, Any], counter: OpCounter | None
 
     import torch
 
-    with torch.inference_mode(), loaded.variant.context(), counter or contextlib.nullcontext():
+    from conformance.timing import forward_phase
+
+    with forward_phase(loaded, counter is not None), torch.inference_mode(), loaded.variant.context(), \
+            counter or contextlib.nullcontext():
         return loaded.model(**inputs)
 
 
@@ -128,7 +139,10 @@ def _run(loaded: Loaded, inputs: dict[str, Any], counter: OpCounter | None = Non
 
     import torch
 
-    with torch.inference_mode(), loaded.variant.context(), counter or contextlib.nullcontext():
+    from conformance.timing import forward_phase
+
+    with forward_phase(loaded, counter is not None), torch.inference_mode(), loaded.variant.context(), \
+            counter or contextlib.nullcontext():
         out = loaded.model(**inputs)
     tensor = out.logits if loaded.zoo.kind == "decoder" else out.last_hidden_state
     return tensor.detach().to("cpu", torch.float64)

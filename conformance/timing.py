@@ -1,0 +1,89 @@
+"""Where a check's time goes, and how many loads and forwards it made.
+
+Each check's wall time is split into loading (``from_pretrained`` and post-load steps), golden
+forwards, reference forwards, variant forwards, proof counting (the variant's forwards that run
+under the op counter, whose dispatch hook is most of their cost) and the rest (Hypothesis, the
+verdicts, bookkeeping). It also counts loads, forwards and golden forwards. One ledger per process
+is open at a time, for the test being run (pytest runs one test at a time per process; xdist
+workers are processes), and a phase entered inside another phase is charged to the outer one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+PHASES = ("loading", "golden_forward", "reference_forward", "variant_forward", "proof_counting")
+COUNTS = ("loads", "forwards", "golden_forwards")
+
+
+class Ledger:
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()
+        self.active: str | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        total = time.perf_counter() - self.started
+        split = {phase: round(self.seconds[phase], 4) for phase in PHASES}
+        split["rest"] = round(max(0.0, total - sum(self.seconds.values())), 4)
+        return {"time_split_s": split, "counts": {name: self.counts[name] for name in COUNTS}}
+
+
+_LEDGER: dict[str, Ledger | None] = {"current": None}
+
+
+def open_ledger() -> None:
+    _LEDGER["current"] = Ledger()
+
+
+def close_ledger() -> dict[str, Any] | None:
+    ledger, _LEDGER["current"] = _LEDGER["current"], None
+    return ledger.snapshot() if ledger is not None else None
+
+
+@contextmanager
+def spend(phase: str, **counts: int) -> Iterator[None]:
+    """Charge the time inside to `phase` (unless another phase is already running) and add
+    `counts` to the ledger."""
+    ledger = _LEDGER["current"]
+    if ledger is None:
+        yield
+        return
+    ledger.counts.update(counts)
+    if ledger.active is not None:
+        yield
+        return
+    ledger.active = phase
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        ledger.seconds[phase] += time.perf_counter() - started
+        ledger.active = None
+
+
+def forward_phase(loaded: Any, counted: bool = False) -> Any:
+    """The phase a forward of `loaded` belongs to, counted as one forward (a golden one too)."""
+    variant = loaded.variant
+    golden = variant.id.startswith("golden")
+    if golden:
+        return spend("golden_forward", forwards=1, golden_forwards=1)
+    if counted:
+        return spend("proof_counting", forwards=1)
+    return spend("reference_forward" if variant.reference else "variant_forward", forwards=1)
+
+
+def totals(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's split and counts: the sum over its records."""
+    split: Counter[str] = Counter()
+    counts: Counter[str] = Counter()
+    for record in records:
+        metrics = record.get("metrics", {})
+        split.update(metrics.get("time_split_s", {}))
+        counts.update(metrics.get("counts", {}))
+    return {"time_split_s": {k: round(v, 2) for k, v in split.items()}, "counts": dict(counts)}
