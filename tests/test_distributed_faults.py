@@ -13,6 +13,21 @@ from faults_distributed import FAULTS, LAUNCH_FAULTS, DistFault
 from conftest import DETECTIONS
 
 
+def _distributed_unmet() -> str | None:
+    """The distributed variants' own needs on this stack (the legacy stack has no tp_plan)."""
+    from conformance.environment import probe
+    from conformance.variants import REGISTRY
+
+    return REGISTRY["tp2"].needs.unmet(probe("cpu"), "fp32")
+
+
+@pytest.fixture(autouse=True)
+def _needs_the_engine() -> None:
+    reason = _distributed_unmet()
+    if reason:
+        pytest.skip(f"tp2 does not run on this stack: {reason}")
+
+
 def _run(pytester: pytest.Pytester, run_suite: Any, variant: str, check: str, name: str,
          selection: str = "") -> list[dict[str, Any]]:
     out = pytester.path / name
