@@ -74,6 +74,9 @@ class Variant:
     # why a row's output depends, by design, on the rest of the batch ("" = it must not); such a
     # variant's invariance properties are bounded by its scheme's tolerance, not rounding noise
     batch_dependent: str = ""
+    # the dtype its kernels compute in, where lower than the run dtype (a float32 model whose 4-bit
+    # layers compute in float16): its invariance properties are judged in that dtype's rounding
+    compute_dtype: str = ""
     # round-trips (C07, C16): how a converting post_load is undone (None: nothing to undo), how the
     # model is saved (None: save_pretrained) and a step after reloading (None: from_pretrained only)
     reverse: Callable[[Any], Any] | None = None
@@ -556,7 +559,7 @@ REGISTRY: dict[str, Variant] = {
                 needs=replace(BNB_NEEDS, dtypes={"cpu": frozenset({"fp32"}), "cuda": frozenset({"fp32"})},
                               dtype_note="the guides' configuration: a float32 model whose 4-bit "
                                          "layers compute in float16"),
-                kinds=DECODERS),
+                kinds=DECODERS, compute_dtype="fp16"),
         # the guides' combination (a 4-bit model with SDPA forced to the flash kernel), for each
         # bitsandbytes format and each forced backend; the device's own ones run
         *(_quantized_sdpa(scheme, backend) for scheme in ("int8", "nf4") for backend in FORCED_SDPA),

@@ -95,7 +95,11 @@ def _verdict(case: Case, got: Any, want: Any, noise: float, scale: float,
         problem, figures = compare.spread_verdict(got, want, case.variant.tolerance, case.dtype, what)
         figures["batch_dependent"] = case.variant.batch_dependent
         return problem, figures
-    return compare.invariance_verdict(got, want, noise, scale, case.dtype, what)
+    # a variant computing in a lower dtype than the run's (bnb_nf4_c16: float16 kernels in a float32
+    # model) rounds at that dtype: measured on CI's draws, its cached chunks differ from one full
+    # forward by up to 2.4e-3 on mistral, 80x the float32 bound and within float16's floor (6.7e-3)
+    return compare.invariance_verdict(got, want, noise, scale, case.variant.compute_dtype or case.dtype,
+                                      what)
 
 
 def _alone(variant: Loaded, batch: BatchSpec) -> Any:
