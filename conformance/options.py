@@ -94,7 +94,7 @@ def _inputs_embeds(loaded: Loaded, ids: Any, mask: Any) -> dict[str, Any] | str:
         embeds = embeddings(ids.to(loaded.device))
     extra: dict[str, Any] = {"input_ids": None, "inputs_embeds": embeds}
     config = loaded.model.config
-    if config.model_type in POSITIONS_FROM_IDS and "position_ids" not in _plain_keys(loaded):
+    if config.model_type in POSITIONS_FROM_IDS and not loaded.accepts_position_ids:
         # these models derive positions from input_ids (skipping pads); from inputs_embeds they
         # are documented to be sequential (RobertaEmbeddings): pass the ones the ids give
         pad = int(config.pad_token_id)
@@ -106,9 +106,6 @@ def _inputs_embeds(loaded: Loaded, ids: Any, mask: Any) -> dict[str, Any] | str:
 # encoders whose embeddings number positions from input_ids, skipping padding (padding_idx + 1 on)
 POSITIONS_FROM_IDS = frozenset({"roberta", "xlm-roberta", "camembert"})
 
-
-def _plain_keys(loaded: Loaded) -> set[str]:
-    return {"position_ids"} if loaded.accepts_position_ids else set()
 
 
 def _token_type_ids(loaded: Loaded, ids: Any, mask: Any) -> dict[str, Any] | str:

@@ -135,17 +135,7 @@ def forward(loaded: Loaded, batch: BatchSpec, counter: OpCounter | None = None) 
 
 
 def _run(loaded: Loaded, inputs: dict[str, Any], counter: OpCounter | None = None) -> Any:
-    import contextlib
-
-    import torch
-
-    from conformance.timing import forward_phase
-
-    with forward_phase(loaded, counter is not None), torch.inference_mode(), loaded.variant.context(), \
-            counter or contextlib.nullcontext():
-        out = loaded.model(**inputs)
-    tensor = out.logits if loaded.zoo.kind == "decoder" else out.last_hidden_state
-    return tensor.detach().to("cpu", torch.float64)
+    return main_output(loaded, call_model(loaded, inputs, counter))
 
 
 class ModelCache:

@@ -29,6 +29,15 @@ def run_suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Any
     return run
 
 
+def results_of(pytester: pytest.Pytester, run_suite: Any, name: str, *args: str) -> list[dict]:
+    """Run the suite with `args`, its report in pytester's folder `name`: the report's results."""
+    import json
+
+    out = pytester.path / name
+    run_suite(*args, f"--conformance-report={out}")
+    return json.loads((out / "report.json").read_text())["results"]
+
+
 RANK = {"passed": 0, "xfailed": 0, "skipped": 1, "not_applicable": 1, "xpassed": 2, "failed": 3,
         "error": 3}
 

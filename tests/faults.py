@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conformance import variants
+from conformance.localize import layer_list
 from conformance.variants import REGISTRY, Variant
 
 
@@ -165,16 +166,10 @@ def _patched(wrapper: Callable[..., Any]) -> Callable[[], contextlib.AbstractCon
 
 
 def _first_layer(model: Any) -> Any:
-    for name in ("model.layers", "layers", "transformer.h", "h", "encoder.layer",
-                 "transformer.layer", "gpt_neox.layers", "model.decoder.layers"):
-        module = model
-        try:
-            for part in name.split("."):
-                module = getattr(module, part)
-        except AttributeError:
-            continue
-        return module[0]
-    raise LookupError(f"no layer list found in {type(model).__name__}")
+    layers = layer_list(model)
+    if layers is None:
+        raise LookupError(f"no layer list found in {type(model).__name__}")
+    return layers[0]
 
 
 def _hook_first_layer(edit: Callable[[Any], Any]) -> Callable[[Any], Any]:

@@ -4,13 +4,12 @@ the rank and the cause."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
 from faults_distributed import FAULTS, LAUNCH_FAULTS, DistFault
 
-from conftest import DETECTIONS
+from conftest import DETECTIONS, results_of
 
 
 def _distributed_unmet() -> str | None:
@@ -30,12 +29,10 @@ def _needs_the_engine() -> None:
 
 def _run(pytester: pytest.Pytester, run_suite: Any, variant: str, check: str, name: str,
          selection: str = "") -> list[dict[str, Any]]:
-    out = pytester.path / name
     keyword = f"test_{check} and {selection}" if selection else f"test_{check}"
-    run_suite("-p", "faults_distributed", "--pyargs", "conformance.suite.test_distributed", "-q",
-              "-p", "no:randomly", "--model", "llama", "--dtype", "fp32", "--variant", variant,
-              "-k", keyword, f"--conformance-report={out}")
-    return json.loads((out / "report.json").read_text())["results"]
+    return results_of(pytester, run_suite, name, "-p", "faults_distributed", "--pyargs",
+                      "conformance.suite.test_distributed", "-q", "-p", "no:randomly", "--model",
+                      "llama", "--dtype", "fp32", "--variant", variant, "-k", keyword)
 
 
 def _caught(results: list[dict[str, Any]], fault: DistFault) -> str:

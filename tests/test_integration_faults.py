@@ -3,26 +3,22 @@ check each names, and the same selection passes without the fault."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
 from faults_integration import FAULTS, IntegrationFault, unavailable
 
-from conftest import DETECTIONS
+from conftest import DETECTIONS, results_of
 
 
 def _run(pytester: pytest.Pytester, run_suite: Any, fault: IntegrationFault,
          planted: bool) -> list[dict[str, Any]]:
-    out = pytester.path / ("planted" if planted else "healthy")
     selection = f"test_{fault.check} and {fault.selection}" if fault.selection else f"test_{fault.check}"
     args = ["-p", "faults_integration", "--pyargs", "conformance", "-q", "-p", "no:randomly",
-            "--model", fault.model, "--dtype", fault.dtype, "--variant", fault.variant,
-            "-k", selection, f"--conformance-report={out}"]
+            "--model", fault.model, "--dtype", fault.dtype, "--variant", fault.variant, "-k", selection]
     if planted:
         args.append(f"--planted-integration-fault={fault.name}")
-    run_suite(*args)
-    return json.loads((out / "report.json").read_text())["results"]
+    return results_of(pytester, run_suite, "planted" if planted else "healthy", *args)
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=[f"{f.name}-{f.check}" for f in FAULTS])

@@ -4,25 +4,22 @@ without the fault."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
 from faults_options import FAULTS, LAYER, OptionFault, unavailable
 
-from conftest import DETECTIONS
+from conftest import DETECTIONS, results_of
 
 
 def _run(pytester: pytest.Pytester, run_suite: Any, fault: OptionFault,
          planted: bool) -> list[dict[str, Any]]:
-    out = pytester.path / ("planted" if planted else "healthy")
     args = ["-p", "faults_options", "--pyargs", "conformance", "-q", "-p", "no:randomly",
             "--model", fault.model, "--dtype", fault.dtype, "--variant", fault.variant,
-            "--option", fault.option, "-k", f"test_{fault.check}", f"--conformance-report={out}"]
+            "--option", fault.option, "-k", f"test_{fault.check}"]
     if planted:
         args.append(f"--planted-option-fault={fault.name}")
-    run_suite(*args)
-    return json.loads((out / "report.json").read_text())["results"]
+    return results_of(pytester, run_suite, "planted" if planted else "healthy", *args)
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=[f"{f.name}-{f.check}" for f in FAULTS])
