@@ -39,6 +39,15 @@ class Selection:
     variants: tuple[Variant, ...]
     dtypes: tuple[str, ...]
     env: Environment
+    # --dtype given or the nightly profile: every model in every dtype (else a model's own
+    # default_dtypes, e.g. the families in fp32 only, keep the default run's time)
+    every_dtype: bool = False
+
+    def model_dtypes(self, model: ZooModel, dtypes: tuple[str, ...] | None = None) -> tuple[str, ...]:
+        chosen = dtypes or self.dtypes
+        if self.every_dtype or not model.default_dtypes or dtypes is not None:
+            return chosen
+        return tuple(d for d in chosen if d in model.default_dtypes)
 
 
 def expand(
@@ -69,8 +78,8 @@ def expand(
                 continue
             if variant_filter is not None and not variant_filter(variant):
                 continue
-            for dtype in dtypes or selection.dtypes:
-                reason = variant.needs.unmet(selection.env, dtype)
+            for dtype in selection.model_dtypes(model, dtypes):
+                reason = model.unmet() or variant.needs.unmet(selection.env, dtype)
                 for padding in paddings or (None,):
                     out.append((Case(model, variant, dtype, padding), reason))
     return out

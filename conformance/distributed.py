@@ -54,10 +54,14 @@ SAVE_BATCH = BatchSpec((9, 4), "right", seed=16)
 # (a 1-D bias: column-wise shards it, row-wise replicates it); embeddings shard the vocabulary
 # (dim 0), grouped_gemm the experts (dim 0)
 SHARD_DIM = {"colwise": -2, "colwise_rep": -2, "colwise_gather_output": -2, "packed_colwise": -2,
-             "rowwise": -1, "rowwise_rep": -1, "packed_rowwise": -1, "embedding_rowwise": 0,
+             "rowwise": -1, "rowwise_rep": -1, "packed_rowwise": -1, "rowwise_split_input": -1,
+             "embedding_rowwise": 0,
              "embedding_colwise": -1, "grouped_gemm": 0}
 BIAS_SHARDED = {"colwise", "colwise_rep", "colwise_gather_output", "packed_colwise"}
-REDUCES = {"rowwise", "rowwise_rep", "packed_rowwise", "embedding_rowwise", "ep_dispatch_experts",
+# rowwise_split_input (transformers 5.24, Phi-3's fused projections): the input arrives whole from
+# a colwise_gather_output module and is split locally; the output is all-reduced like rowwise
+REDUCES = {"rowwise", "rowwise_rep", "packed_rowwise", "rowwise_split_input", "embedding_rowwise",
+           "ep_dispatch_experts",
            "moe_tp_experts", "all_reduce"}
 GATHERS = {"colwise_gather_output", "colwise_rep", "embedding_colwise"}
 
@@ -280,8 +284,15 @@ def expected_collectives(model: Any, mode: str, world_size: int) -> dict[str, in
         return {"p2p": world_size - 1}
     plan = plans(model, mode)
     counts = {"all_reduce": 0, "all_gather": 0}
+    embedding = _tied_embedding_name(model)
     for name, _ in model.named_modules():
         style = _style(name, plan) if name else None
+        if name and name == embedding and style == "embedding_rowwise":
+            # tied to a colwise head (Gemma 2/3 on 5.24): the shared weight is one DTensor
+            # sharded on the vocab (256 -> 128 per rank, measured), the embedding module gets no
+            # hook of its own, and its lookup issued no counted collective (4 all-reduces for the
+            # 2 layers, 1 all-gather for the head); test_distributed_logits judges its result
+            continue
         if style in REDUCES:
             counts["all_reduce"] += 1
         elif style in GATHERS:
@@ -289,6 +300,14 @@ def expected_collectives(model: Any, mode: str, world_size: int) -> dict[str, in
     if mode == "ep":  # a module with an EP rule keeps no TP rule; its dispatch all-reduces once
         counts["all_reduce"] = max(counts["all_reduce"], 1)
     return counts
+
+
+def _tied_embedding_name(model: Any) -> str | None:
+    """The input embedding's module name when its weight is tied to the output head."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return None
+    embedding = model.get_input_embeddings()
+    return next((name for name, module in model.named_modules() if module is embedding), None)
 
 
 def layout_bytes(layout: dict[str, tuple[int, ...]], itemsize: int) -> int:

@@ -225,6 +225,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 else:
                     item.add_marker(pytest.mark.xfail(reason=reason, strict=True))
     config.stash[UNMATCHED] = [e for e in xfails + skips if e not in used]
+    from conformance.ordering import run_order
+
+    chosen = selection(config)  # each model, then dtype, then variant together: one load each
+    items[:] = run_order(items, chosen.models, chosen.dtypes, chosen.variants)
 
 
 def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config) -> Any:
@@ -247,12 +251,13 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             f"conformance: expectation {entry.where} {entry.pattern!r} matched no test",
             yellow=True,
         )
+    from conformance.timing import counts_line
+
     spent = _time_totals(terminalreporter)
     if any(spent["counts"].values()):
         counts, split = spent["counts"], spent["time_split_s"]
         terminalreporter.write_line(
-            f"conformance: {counts.get('loads', 0)} loads, {counts.get('forwards', 0)} forwards "
-            f"({counts.get('golden_forwards', 0)} golden); time: "
+            f"conformance: {counts_line(counts)}; time: "
             + ", ".join(f"{name.replace('_', ' ')} {seconds:.1f} s" for name, seconds in split.items()))
     skipped = terminalreporter.stats.get("skipped", [])
     inapplicable = [r for r in skipped if _outcome(r)[0] == "not_applicable"]

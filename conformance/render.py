@@ -235,15 +235,14 @@ TIME_HEADS = ("loading", "golden", "reference", "variant", "proof counting", "re
 
 def time_rows(body: dict[str, Any], slowest: int = 10) -> tuple[str, list[list[str]]]:
     """The run's time split and counts as one line, and the slowest checks with their split."""
-    from conformance.timing import PHASES
+    from conformance.timing import PHASES, counts_line
 
     summary = body.get("summary", {})
     split, counts = summary.get("time_split_s") or {}, summary.get("counts") or {}
     if not split:
         return "", []
     total = sum(split.values()) or 1.0
-    line = (f"{counts.get('loads', 0)} loads, {counts.get('forwards', 0)} forwards "
-            f"({counts.get('golden_forwards', 0)} golden). Check time {total:.1f} s: " + ", ".join(
+    line = (f"{counts_line(counts)}. Check time {total:.1f} s: " + ", ".join(
                 f"{name.replace('_', ' ')} {split.get(name, 0.0):.1f} s ({split.get(name, 0.0) / total:.0%})"
                 for name in (*PHASES, "rest")))
     timed = [r for r in body.get("results", []) if r.get("metrics", {}).get("time_split_s")]

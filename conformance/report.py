@@ -98,7 +98,8 @@ class Report:
 
         spent = totals([r.as_json() for r in self.records.values()])
         return {"by_claim": dict(sorted(by_claim.items())), "outcomes": dict(sorted(outcomes.items())),
-                "time_split_s": spent["time_split_s"], "counts": spent["counts"]}
+                "time_split_s": spent["time_split_s"], "counts": spent["counts"],
+                "most_reloaded": spent["most_reloaded"]}
 
 
 def _jsonable(value: Any) -> Any:

@@ -11,6 +11,7 @@ from conformance.checkpoints import checkpoint_problem
 from conformance.compat import dtype_kwarg, parse_dtype
 from conformance.probes import OpCounter
 from conformance.strategies import BatchSpec
+from conformance.timing import cache_load
 from conformance.variants import Variant
 from conformance.zoo import ZooModel, auto_class, materialize
 
@@ -139,7 +140,15 @@ def _run(loaded: Loaded, inputs: dict[str, Any], counter: OpCounter | None = Non
 
 
 class ModelCache:
-    """Loads each (model, variant, dtype) once per session; keeps only the current model's."""
+    """Loads each (model, variant, dtype) once per session, when checks run in ordering.run_order.
+
+    Resident at a time: the current model's golden and plain references (every check of the model
+    compares with them) and the one variant under test (plus the last one before it, for the
+    checks that hold two). Checks run grouped by variant, so an evicted variant is not asked for
+    again; the bound keeps a user's large checkpoint from having every variant in memory at once.
+    """
+
+    KEEP_VARIANTS = 2  # the variant under test and the one before it
 
     def __init__(self, workdir: Path, device: str) -> None:
         self.workdir = workdir
@@ -157,14 +166,24 @@ class ModelCache:
             self._current_model = zoo_model.name
         key = (zoo_model.name, variant.id, dtype, device)
         if key not in self._loaded:
+            self._evict_variants(keep=self.KEEP_VARIANTS - 1)
+            cache_load("/".join(key))
             try:
                 self._loaded[key] = load(zoo_model, variant, dtype, device, self.workdir)
             except LoadError as exc:
                 self._loaded[key] = exc
-        found = self._loaded[key]
+        found = self._loaded[key] = self._loaded.pop(key)  # most recently used last
         if isinstance(found, LoadError):
             raise found
         return found
+
+    def _evict_variants(self, keep: int) -> None:
+        """Forget all but the `keep` most recently loaded variants under test (golden runs and
+        plain references stay). A load failure is remembered whatever it is: it holds no model."""
+        under_test = [key for key, found in self._loaded.items() if isinstance(found, Loaded)
+                      and not (found.variant.reference or found.variant.id.startswith("golden"))]
+        for key in under_test[:max(0, len(under_test) - keep)]:
+            del self._loaded[key]
 
     def outputs(self, loaded: Loaded, batch: BatchSpec, per_row: bool = False) -> Any:
         """Forward of a reference or golden model, memoized: every variant compares to the same."""

@@ -65,5 +65,7 @@ def selection(config: pytest.Config) -> Any:
     dtypes = tuple(config.getoption("dtype")) or (
         ("fp32", "bf16") if env.kind == "cpu" else ("fp16", "bf16", "fp32")
     )
-    config.stash[SELECTION] = Selection(tuple(models), tuple(chosen), dtypes, env)
+    every_dtype = bool(config.getoption("dtype")) or \
+        config.getoption("hypothesis_profile", None) == "nightly"
+    config.stash[SELECTION] = Selection(tuple(models), tuple(chosen), dtypes, env, every_dtype)
     return config.stash[SELECTION]

@@ -17,7 +17,9 @@ from contextlib import contextmanager
 from typing import Any
 
 PHASES = ("loading", "golden_forward", "reference_forward", "variant_forward", "proof_counting")
-COUNTS = ("loads", "forwards", "golden_forwards")
+# loads: every from_pretrained (fresh copies a check needs included); cache_loads: those the
+# model cache made, whose (model, variant, dtype) keys are kept to count reloads of one key
+COUNTS = ("loads", "cache_loads", "forwards", "golden_forwards")
 
 
 class Ledger:
@@ -26,12 +28,16 @@ class Ledger:
         self.seconds: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
         self.active: str | None = None
+        self.cache_keys: list[str] = []
 
     def snapshot(self) -> dict[str, Any]:
         total = time.perf_counter() - self.started
         split = {phase: round(self.seconds[phase], 4) for phase in PHASES}
         split["rest"] = round(max(0.0, total - sum(self.seconds.values())), 4)
-        return {"time_split_s": split, "counts": {name: self.counts[name] for name in COUNTS}}
+        found = {"time_split_s": split, "counts": {name: self.counts[name] for name in COUNTS}}
+        if self.cache_keys:
+            found["cache_loaded"] = list(self.cache_keys)
+        return found
 
 
 _LEDGER: dict[str, Ledger | None] = {"current": None}
@@ -44,6 +50,14 @@ def open_ledger() -> None:
 def close_ledger() -> dict[str, Any] | None:
     ledger, _LEDGER["current"] = _LEDGER["current"], None
     return ledger.snapshot() if ledger is not None else None
+
+
+def cache_load(key: str) -> None:
+    """The model cache is loading `key` ("model/variant/dtype/device")."""
+    ledger = _LEDGER["current"]
+    if ledger is not None:
+        ledger.counts["cache_loads"] += 1
+        ledger.cache_keys.append(key)
 
 
 @contextmanager
@@ -82,8 +96,21 @@ def totals(records: list[dict[str, Any]]) -> dict[str, Any]:
     """The run's split and counts: the sum over its records."""
     split: Counter[str] = Counter()
     counts: Counter[str] = Counter()
+    keys: Counter[str] = Counter()
     for record in records:
         metrics = record.get("metrics", {})
         split.update(metrics.get("time_split_s", {}))
         counts.update(metrics.get("counts", {}))
-    return {"time_split_s": {k: round(v, 2) for k, v in split.items()}, "counts": dict(counts)}
+        keys.update(metrics.get("cache_loaded", ()))
+    counts["cache_keys"] = len(keys)  # distinct (model, variant, dtype, device) the cache loaded
+    counts["cache_reloads"] = sum(keys.values()) - len(keys)  # one key loaded again
+    return {"time_split_s": {k: round(v, 2) for k, v in split.items()}, "counts": dict(counts),
+            "most_reloaded": [f"{key} x{n}" for key, n in keys.most_common(5) if n > 1]}
+
+
+def counts_line(counts: dict[str, int]) -> str:
+    """The run's counts in words: the terminal summary and report.md/html say the same."""
+    return (f"{counts.get('loads', 0)} loads ({counts.get('cache_loads', 0)} by the model cache, "
+            f"of {counts.get('cache_keys', 0)} model/variant/dtype: "
+            f"{counts.get('cache_reloads', 0)} reloads), {counts.get('forwards', 0)} forwards "
+            f"({counts.get('golden_forwards', 0)} golden)")

@@ -426,7 +426,8 @@ def _distributed(vid: str, summary: str, dist: Distributed, proof: Any, attn: st
         vid, ("C12", "C14"), summary, needs=needs or Needs(**DIST_NEEDS),
         load_kwargs=lambda dtype: {**dist.load_kwargs(), "attn_implementation": attn},
         context=context, proof=_both(proof), kinds=DECODERS, distributed=dist,
-        refusals=("has no `tp_plan`", "has no `ep_plan`", "has no `pp_plan`"),
+        refusals=("has no `tp_plan`", "has no `ep_plan`", "has no `pp_plan`",
+                  *(NO_SUCH_IMPLEMENTATION if attn != "eager" else ())),
     )
 
 

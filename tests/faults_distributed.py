@@ -46,16 +46,24 @@ LAUNCH_FAULTS = (
 
 
 def skip_allreduce_on_rank1(model: Any, rank: int) -> None:
+    """Only while this model runs: the other variants of the same launch stay healthy."""
     import torch.distributed as dist
 
     if rank != 1:
         return
-    original = dist.all_reduce
+    original, forward = dist.all_reduce, model.forward
 
     def all_reduce(tensor: Any, *args: Any, **kwargs: Any) -> Any:
         return original(tensor.clone(), *args, **kwargs)  # the sum goes nowhere
 
-    dist.all_reduce = all_reduce
+    def faulty_forward(*args: Any, **kwargs: Any) -> Any:
+        dist.all_reduce = all_reduce
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            dist.all_reduce = original
+
+    model.forward = faulty_forward
 
 
 def swap_attention_shards(model: Any, rank: int) -> None:

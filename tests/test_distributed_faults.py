@@ -44,11 +44,33 @@ def _caught(results: list[dict[str, Any]], fault: DistFault) -> str:
     return hit[0]
 
 
+_ONE_LAUNCH: dict[str, list[dict[str, Any]]] = {}
+
+
+def _one_launch(pytester: pytest.Pytester, run_suite: Any) -> list[dict[str, Any]]:
+    """The healthy tp2 and every planted fault in one run: one launch of the ranks (each fault
+    touches only its own model), made once per self-test process."""
+    if "results" not in _ONE_LAUNCH:
+        variants = [arg for fault in FAULTS for arg in ("--variant", fault.name)]
+        checks = " or ".join(sorted({f"test_{fault.check}" for fault in FAULTS}))
+        _ONE_LAUNCH["results"] = results_of(
+            pytester, run_suite, "one-launch", "-p", "faults_distributed", "--pyargs",
+            "conformance.suite.test_distributed", "-q", "-p", "no:randomly", "--model", "llama",
+            "--dtype", "fp32", "--variant", "tp2", *variants, "-k", checks)
+    return _ONE_LAUNCH["results"]
+
+
+def _of(results: list[dict[str, Any]], variant: str, fault: DistFault) -> list[dict[str, Any]]:
+    return [r for r in results if r["variant"] == variant and r["check"] == fault.check
+            and (not fault.selection or fault.selection in r["nodeid"])]
+
+
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
 def test_distributed_fault_is_caught(pytester: pytest.Pytester, run_suite: Any, fault: DistFault) -> None:
-    healthy = _run(pytester, run_suite, "tp2", fault.check, "healthy", fault.selection)
+    results = _one_launch(pytester, run_suite)
+    healthy = _of(results, "tp2", fault)
     assert healthy and all(r["outcome"] == "passed" for r in healthy), healthy
-    figure = _caught(_run(pytester, run_suite, fault.name, fault.check, "planted", fault.selection), fault)
+    figure = _caught(_of(results, fault.name, fault), fault)
     DETECTIONS.append((f"distributed:{fault.name}", fault.check, "caught", figure.split(": ", 1)[-1][:110]))
 
 

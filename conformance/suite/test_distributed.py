@@ -49,6 +49,8 @@ def models(selection: Selection) -> tuple[ZooModel, ...]:
 DIST["model_source"] = models
 
 
+
+
 @pytest.fixture(scope="session")
 def distributed_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Shared by the session's xdist workers, so each group launches once."""
@@ -71,6 +73,8 @@ def _spec(selection: Selection, dtype: str, device: str, root: Path) -> tuple[di
     """Every distributed case of the run in `dtype` that can run here: one group, one launch."""
     entries, sizes = [], set()
     for model in models(selection):
+        if model.unmet() or dtype not in selection.model_dtypes(model):
+            continue
         for variant in selection.variants:
             if variant.distributed is None or model.kind not in variant.kinds:
                 continue

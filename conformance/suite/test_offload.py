@@ -84,7 +84,7 @@ def offload_tiers(main_device: str) -> list[Any]:
     return [main, "disk"] if main == "cpu" else [main, "cpu", "disk"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def bin_checkpoints() -> dict[tuple[str, str], str]:
     return {}
 
