@@ -8,6 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+# imported before any pytester test takes its sys.modules snapshot: _damaged_checkpoints builds
+# the llama in this process, and a modeling module first imported inside a pytester test is
+# dropped again at its end, after which scipy's extensions (loaded by transformers' losses)
+# refuse a second load ("cannot load module more than once per process"); which worker imported
+# it first depended on test order
+import transformers.models.llama.modeling_llama  # noqa: F401
 from faults_roundtrip import FAULTS, RoundtripFault
 
 from conftest import DETECTIONS, assert_caught, run_fault
