@@ -70,7 +70,9 @@ def _stack(session: nox.Session, stack: str, locked: bool = True) -> None:
     if "tests" in jobs:
         # -n auto: one xdist worker per core (per GPU on a GPU runner); most self-tests run the
         # suite in a subprocess, so they parallelize well
-        session.run("pytest", "tests", "-q", "-p", "no:randomly", "-n", "auto", env=env)
+        # --durations: the slowest self-tests in CI's log, to keep CI within its time budget
+        session.run("pytest", "tests", "-q", "-p", "no:randomly", "-n", "auto", "--durations=15",
+                    env=env)
     if "suite" in jobs:
         session.run("pytest", "--pyargs", "conformance", "-q", "-n", "auto",
                     *EXPECTATIONS.get(stack, []), "--conformance-report", f"reports/{stack}", env=env)
