@@ -151,6 +151,8 @@ def _run_entry(entry: dict[str, Any], spec: dict[str, Any], rank: int, out: Path
         except Exception as exc:  # one task's error is that check's failure line, not the group's
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             outputs[name] = {"error": f"{type(exc).__name__}: {first}"}
+            # in the rank's log too: where a stage raised and its peer hangs, the log says why
+            print(f"rank {rank} {key}: {name} raised {type(exc).__name__}: {first}", flush=True)
 
     counter = OpCounter()
     task("proof", lambda: forward(loaded, dist_plan.LOGITS["right"], counter))
