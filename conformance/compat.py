@@ -113,8 +113,8 @@ def eager_experts() -> dict[str, Any]:
 @cache
 def distributed_config_missing(*names: str) -> str | None:
     """Why ``transformers.distributed.DistributedConfig`` cannot take these sizes, or None.
-    transformers 5.0 .. 5.x ships the class with only ``enable_expert_parallel`` (its sizes came
-    later): a tp/pp/ep variant there has no config to load under."""
+    transformers 5.1 .. 5.11 ship the class with only ``enable_expert_parallel`` (tp_size is there
+    by 5.13, pp_size by 5.16, ep_size by 5.19): a tp/pp/ep variant there has no config to load under."""
     import dataclasses
 
     try:

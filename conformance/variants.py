@@ -413,7 +413,7 @@ TP_PROOF = Proof(ALL_REDUCE_OPS, minimum="layers",
                  what="a row-parallel all-reduce per layer at least (the plan's count is checked too)")
 PP_PROOF = Proof(P2P_OPS, minimum=1, what="stage-to-stage send/recv and the logits' broadcast")
 # DistributedConfig exists with tp_size/pp_size/ep_size in transformers 5.x (verified on 5.24);
-# earlier 5.x ship it with only enable_expert_parallel (5.1-5.3): the predicates
+# earlier 5.x ship it with only enable_expert_parallel (5.1-5.11 swept): the predicates
 # distributed_tp/_ep/_pp (needs.py) make those variants a skip there, not a TypeError per test
 DIST_NEEDS = dict(packages={"transformers": ">=5.0", "torch": ">=2.5"},
                   dtypes={"cpu": frozenset({"fp32"})}, where=CURRENT_STACK,
