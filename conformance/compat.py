@@ -108,3 +108,27 @@ def eager_experts() -> dict[str, Any]:
     from transformers import PretrainedConfig
 
     return {"experts_implementation": "eager"} if hasattr(PretrainedConfig, "_experts_implementation") else {}
+
+
+@cache
+def distributed_config_missing(*names: str) -> str | None:
+    """Why ``transformers.distributed.DistributedConfig`` cannot take these sizes, or None.
+    transformers 5.1 .. 5.11 ship the class with only ``enable_expert_parallel`` (tp_size is there
+    by 5.13, pp_size by 5.16, ep_size by 5.19): a tp/pp/ep variant there has no config to load under."""
+    import dataclasses
+
+    try:
+        from transformers.distributed import DistributedConfig
+    except ImportError:
+        return "needs transformers.distributed.DistributedConfig (not in this transformers)"
+    fields = {f.name for f in dataclasses.fields(DistributedConfig)} \
+        if dataclasses.is_dataclass(DistributedConfig) else set()
+    if not fields:  # not a dataclass: its constructor's names say what it takes
+        import inspect
+
+        fields = set(inspect.signature(DistributedConfig.__init__).parameters) - {"self"}
+    lacking = [n for n in names if n not in fields]
+    if not lacking:
+        return None
+    return (f"needs DistributedConfig({', '.join(f'{n}=...' for n in lacking)}); this transformers' "
+            f"DistributedConfig takes {', '.join(sorted(fields)) or 'nothing'}")

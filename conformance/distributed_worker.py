@@ -56,10 +56,12 @@ def _shard_problems(model: Any, whole: Any, rank: int, unverified: list[str]) ->
                     expected = expected.narrow(placement.dim, min(step * coordinate[axis],
                                                                   expected.shape[placement.dim]),
                                                local.shape[placement.dim])
-        else:
+        else:  # a plain tensor: the whole, or (transformers 5.13-5.14) the rank's slice itself
             local, expected = param.detach(), full
-        if not _same(local, expected) and not (hasattr(param, "placements") and
-                                               _same(local, _packed_slice(param, full))):
+        packed = _packed_slice(param, full) if hasattr(param, "placements") else None
+        if not hasattr(param, "placements") and tuple(local.shape) != tuple(full.shape):
+            expected, packed = _plain_slices(local, full, rank)
+        if not _same(local, expected) and not (packed is not None and _same(local, packed)):
             if full.dim() == 3 and tuple(local.shape) != tuple(full.shape):
                 # a packed experts tensor sharded column-wise (moe_tp_experts): transformers
                 # re-packs it from the checkpoint's per-expert layout; its slice is not checked
@@ -73,6 +75,25 @@ def _same(a: Any, b: Any) -> bool:
     import torch
 
     return tuple(a.shape) == tuple(b.shape) and torch.equal(a.cpu(), b.cpu())
+
+
+def _plain_slices(local: Any, full: Any, rank: int) -> tuple[Any, Any]:
+    """A shard held as a plain tensor (no DTensor placements; transformers 5.13-5.14 keep only the
+    rank's slice): the contiguous slice and the packed one along the one dimension whose size
+    differs, this rank's by its index; (full, None) where the shapes differ otherwise."""
+    import torch
+
+    dims = [d for d in range(full.dim()) if local.dim() == full.dim() and local.shape[d] != full.shape[d]]
+    if len(dims) != 1:
+        return full, None
+    dim = dims[0]
+    parts = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    step = -(-full.shape[dim] // parts)
+    contiguous = full.narrow(dim, min(step * rank, full.shape[dim]), local.shape[dim])
+    halves = full.chunk(2, dim=dim)
+    packed = (torch.cat([h.chunk(parts, dim=dim)[rank] for h in halves], dim=dim)
+              if parts > 1 and all(h.shape[dim] >= parts for h in halves) else None)
+    return contiguous, packed
 
 
 def _packed_slice(param: Any, full: Any) -> Any:
@@ -130,6 +151,8 @@ def _run_entry(entry: dict[str, Any], spec: dict[str, Any], rank: int, out: Path
         except Exception as exc:  # one task's error is that check's failure line, not the group's
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             outputs[name] = {"error": f"{type(exc).__name__}: {first}"}
+            # in the rank's log too: where a stage raised and its peer hangs, the log says why
+            print(f"rank {rank} {key}: {name} raised {type(exc).__name__}: {first}", flush=True)
 
     counter = OpCounter()
     task("proof", lambda: forward(loaded, dist_plan.LOGITS["right"], counter))

@@ -119,6 +119,15 @@ def _cxx_compiler() -> str | None:
     return cxx_compiler_missing()
 
 
+def _distributed_config(*names: str) -> Callable[[], str | None]:
+    def missing() -> str | None:
+        from conformance.compat import distributed_config_missing
+
+        return distributed_config_missing(*names)
+
+    return missing
+
+
 PREDICATES = {
     "legacy_sdp_kernel": _legacy_sdp_kernel_missing,
     "flash_attn_importable": _flash_attn_importable,
@@ -128,4 +137,8 @@ PREDICATES = {
     "ort_tensorrt_provider": _ort_provider("TensorrtExecutionProvider"),
     "compile_opted_in": _compile_opted_in,
     "cxx_compiler": _cxx_compiler,
+    # DistributedConfig's sizes per mode (variants.DISTRIBUTED_VARIANTS)
+    "distributed_tp": _distributed_config("tp_size"),
+    "distributed_ep": _distributed_config("tp_size", "ep_size"),
+    "distributed_pp": _distributed_config("pp_size"),
 }

@@ -412,7 +412,9 @@ COLLECTIVE_OPS = ALL_REDUCE_OPS + ALL_GATHER_OPS + ALL_TO_ALL_OPS + P2P_OPS
 TP_PROOF = Proof(ALL_REDUCE_OPS, minimum="layers",
                  what="a row-parallel all-reduce per layer at least (the plan's count is checked too)")
 PP_PROOF = Proof(P2P_OPS, minimum=1, what="stage-to-stage send/recv and the logits' broadcast")
-# DistributedConfig exists with tp_size/pp_size/ep_size in transformers 5.x (verified on 5.24)
+# DistributedConfig exists with tp_size/pp_size/ep_size in transformers 5.x (verified on 5.24);
+# earlier 5.x ship it with only enable_expert_parallel (5.1-5.11 swept): the predicates
+# distributed_tp/_ep/_pp (needs.py) make those variants a skip there, not a TypeError per test
 DIST_NEEDS = dict(packages={"transformers": ">=5.0", "torch": ">=2.5"},
                   dtypes={"cpu": frozenset({"fp32"})}, where=CURRENT_STACK,
                   dtype_note="distributed variants run fp32 on CPU ranks (gloo; one dtype keeps the "
@@ -423,7 +425,8 @@ def _distributed(vid: str, summary: str, dist: Distributed, proof: Any, attn: st
                  context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
                  needs: Needs | None = None) -> Variant:
     return Variant(
-        vid, ("C12", "C14"), summary, needs=needs or Needs(**DIST_NEEDS),
+        vid, ("C12", "C14"), summary,
+        needs=needs or Needs(**DIST_NEEDS, predicate=(f"distributed_{dist.mode}",)),
         load_kwargs=lambda dtype: {**dist.load_kwargs(), "attn_implementation": attn},
         context=context, proof=_both(proof), kinds=DECODERS, distributed=dist,
         refusals=("has no `tp_plan`", "has no `ep_plan`", "has no `pp_plan`",
@@ -441,7 +444,8 @@ def _tp_sdpa(backend: str) -> Variant:
                     min_capability=needs.min_capability,
                     dtypes={"cpu": frozenset({"fp32"}), **({"cuda": needs.dtypes["cuda"]}
                                                            if "cuda" in needs.dtypes else {})},
-                    where=needs.where or CURRENT_STACK, dtype_note=DIST_NEEDS["dtype_note"]))
+                    where=needs.where or CURRENT_STACK, dtype_note=DIST_NEEDS["dtype_note"],
+                    predicate=("distributed_tp", *needs.predicate)))
 
 
 TP2 = Distributed("tp", {"tp_size": 2}, "tp_plan")

@@ -29,7 +29,7 @@ from conformance import compare, decoding, distributed, generation
 from conformance.cases import Case, Selection
 from conformance.checks import golden_outputs, load_or_fail, max_len, reference_noise
 from conformance.report import not_applicable
-from conformance.running import ModelCache, forward, load
+from conformance.running import LoadError, ModelCache, forward, load
 from conformance.strategies import pad_rows
 from conformance.variants import REFERENCE, REGISTRY
 from conformance.zoo import ZooModel, auto_class, default_zoo, distributed_models, materialize
@@ -69,14 +69,20 @@ def _empty_model(zoo_model: ZooModel, workdir: str) -> Any:
         return auto_class(zoo_model.kind).from_config(config)
 
 
-def _spec(selection: Selection, dtype: str, device: str, root: Path) -> tuple[dict[str, Any], int]:
-    """Every distributed case of the run in `dtype` that can run here: one group, one launch."""
+def _spec(selection: Selection, dtype: str, device: str, root: Path,
+          pipeline: bool = False) -> tuple[dict[str, Any], int]:
+    """Every distributed case of the run in `dtype` that can run here, the pipeline cases (pp) or
+    the others: two groups, one launch each. A pipeline stage that raises mid-task leaves the other
+    stage waiting (transformers 5.16-5.17: cached decoding, the group hangs), and a hung group has
+    no results at all; apart, the tp/ep cases keep their verdicts."""
     entries, sizes = [], set()
     for model in models(selection):
         if model.unmet() or dtype not in selection.model_dtypes(model):
             continue
         for variant in selection.variants:
             if variant.distributed is None or model.kind not in variant.kinds:
+                continue
+            if (variant.distributed.mode == "pp") != pipeline:
                 continue
             if variant.needs.unmet(selection.env, dtype):
                 continue
@@ -104,7 +110,7 @@ def _group(case: Case, cache: ModelCache, selection: Selection, root: Path,
         if gpu_count() < dist.world_size:
             pytest.skip(not_applicable(f"{case.variant.id} needs {dist.world_size} GPUs for nccl ranks "
                                        f"(this run sees {gpu_count()})"))
-    spec, world = _spec(selection, case.dtype, cache.device, root)
+    spec, world = _spec(selection, case.dtype, cache.device, root, pipeline=dist.mode == "pp")
     result = distributed.group_result(spec, root, world)
     metrics["group_seconds"] = round(result.seconds, 2)
     if result.failure:
@@ -117,6 +123,17 @@ def _group(case: Case, cache: ModelCache, selection: Selection, root: Path,
             pytest.skip(error)
         pytest.fail(f"{case.id}: rank 0: {error}", pytrace=False)
     return result, figures
+
+
+def _saved_distributed_config(saved: Path) -> dict[str, Any] | None:
+    """The distributed_config a saved checkpoint's config.json carries, or None."""
+    import json
+
+    try:
+        kept = json.loads((saved / "config.json").read_text()).get("distributed_config")
+    except (OSError, ValueError):
+        return None
+    return kept if isinstance(kept, dict) else None
 
 
 def _out(result: distributed.GroupResult, case: Case, task: str) -> Any:
@@ -326,8 +343,19 @@ def test_distributed_save_load(case: Case, group: Any, model_cache: ModelCache,
                                    "pipeline has no gathered save"))
     saved = Path(_out(result, case, "saved"))
     reference = model_cache.get(case.model, REGISTRY[REFERENCE], case.dtype)
-    reloaded = load(ZooModel(case.model.name, case.model.kind, "user", str(saved)), REGISTRY[REFERENCE],
-                    case.dtype, model_cache.device, model_cache.workdir)
+    try:
+        reloaded = load(ZooModel(case.model.name, case.model.kind, "user", str(saved)), REGISTRY[REFERENCE],
+                        case.dtype, model_cache.device, model_cache.workdir)
+    except LoadError as exc:
+        kept = _saved_distributed_config(saved)
+        if kept is None:
+            raise
+        # transformers 5.13-5.14: save_pretrained keeps the DistributedConfig in config.json (as a
+        # dict), and from_pretrained in one process fails on it: the tp_plan property reads
+        # config.distributed_config.enable_expert_parallel off that dict (5.24 drops the key on save)
+        pytest.fail(f"{case.id}: the saved sharded model does not reload in one process: its "
+                    f"config.json keeps distributed_config {kept} and from_pretrained fails on it "
+                    f"({str(exc).rsplit(': ', 1)[-1]})", pytrace=False)
     want = dict(reference.model.named_parameters())
     differ = [name for name, p in reloaded.model.named_parameters()
               if name not in want or not torch.equal(p.detach().cpu(), want[name].detach().cpu())]
