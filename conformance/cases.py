@@ -71,6 +71,7 @@ def expand(
             continue
         if model_filter is not None and not model_filter(model):
             continue
+        model_reason = model.unmet()  # the stack lacks its architecture: every case skips
         for variant in selection.variants:
             if model.kind not in variant.kinds:
                 continue
@@ -79,7 +80,7 @@ def expand(
             if variant_filter is not None and not variant_filter(variant):
                 continue
             for dtype in selection.model_dtypes(model, dtypes):
-                reason = model.unmet() or variant.needs.unmet(selection.env, dtype)
+                reason = model_reason or variant.needs.unmet(selection.env, dtype)
                 for padding in paddings or (None,):
                     out.append((Case(model, variant, dtype, padding), reason))
     return out

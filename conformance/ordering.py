@@ -16,7 +16,8 @@ import pytest
 
 
 def case_of(item: pytest.Item) -> Any | None:
-    """The suite case an item runs (a budget's case for budget checks), or None."""
+    """The suite case an item runs (a budget's case for budget checks), or None (a plain test,
+    or an empty expansion, which parametrizes NOTSET)."""
     params = item.callspec.params if hasattr(item, "callspec") else {}
     case = params.get("case") or getattr(params.get("budget"), "case", None)
     return case if hasattr(case, "variant") else None

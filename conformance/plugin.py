@@ -320,9 +320,9 @@ def _info(item: pytest.Item) -> dict[str, Any]:
     for key, value in item.user_properties:
         if key == "conformance":
             return value
-    params = item.callspec.params if hasattr(item, "callspec") else {}
-    case = params.get("case") or getattr(params.get("budget"), "case", None)
-    case = case if hasattr(case, "variant") else None  # an empty expansion parametrizes NOTSET
+    from conformance.ordering import case_of
+
+    case = case_of(item)
     info = {
         "check": item.originalname.removeprefix("test_") if hasattr(item, "originalname")
         else item.name,

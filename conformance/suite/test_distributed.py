@@ -49,8 +49,6 @@ def models(selection: Selection) -> tuple[ZooModel, ...]:
 DIST["model_source"] = models
 
 
-
-
 @pytest.fixture(scope="session")
 def distributed_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Shared by the session's xdist workers, so each group launches once."""
