@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -15,6 +15,21 @@ from conformance.strategies import BatchSpec
 from conformance.variants import REFERENCE, REGISTRY
 
 KERNEL_REFUSALS = ("No available kernel", "No viable backend")
+
+T = TypeVar("T")
+
+
+def load_or_skip(load_one: Callable[[], T], failure: str = "{}", refusal: str = "{}") -> T:
+    """`load_one()` (a cached get, a fresh load, a reload): the library's documented refusal
+    (`LoadError.refused`) is a skip quoting it, any other load failure one line, never a
+    traceback. `failure`/`refusal` frame the message ("{}" is the LoadError's one line)."""
+    __tracebackhide__ = True
+    try:
+        return load_one()
+    except LoadError as exc:
+        if exc.refused:
+            pytest.skip(refusal.format(exc))
+        pytest.fail(failure.format(exc), pytrace=False)
 
 
 def load_golden(cache: ModelCache, model: Any, dtype: str) -> Loaded:
@@ -28,28 +43,15 @@ def load_golden(cache: ModelCache, model: Any, dtype: str) -> Loaded:
 
 def load_or_fail(cache: ModelCache, case: Case) -> tuple[Loaded, Loaded, Loaded]:
     """(variant, same-dtype eager reference, golden); a load failure is one line, not a traceback."""
-    eager = REGISTRY[REFERENCE]
     golden = load_golden(cache, case.model, case.dtype)
-    try:
-        reference = cache.get(case.model, eager, case.dtype)
-        variant = cache.get(case.model, case.variant, case.dtype)
-    except LoadError as exc:
-        if exc.refused:
-            pytest.skip(str(exc))
-        pytest.fail(str(exc), pytrace=False)
-    return variant, reference, golden
+    reference = load_or_skip(lambda: cache.get(case.model, REGISTRY[REFERENCE], case.dtype))
+    return load_or_skip(lambda: cache.get(case.model, case.variant, case.dtype)), reference, golden
 
 
 def load_or_fail_in(cache: ModelCache, case: Case, dtype: str) -> tuple[Loaded, Loaded]:
     """(variant loaded in `dtype`, golden) for a check that runs in a dtype of its own."""
     golden = load_golden(cache, case.model, dtype)
-    try:
-        variant = cache.get(case.model, case.variant, dtype)
-    except LoadError as exc:
-        if exc.refused:
-            pytest.skip(str(exc))
-        pytest.fail(str(exc), pytrace=False)
-    return variant, golden
+    return load_or_skip(lambda: cache.get(case.model, case.variant, dtype)), golden
 
 
 def golden_per_row(kind: str, padding: str) -> bool:

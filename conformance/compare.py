@@ -85,8 +85,7 @@ def kernel_bound(ref_err: float, scale: float, dtype: str) -> tuple[float, float
     the one formula every kernel-class verdict (logits, generation's near ties) applies."""
     tol = tolerances.kernel(dtype)
     used = min(ref_err, reference_envelope(dtype, scale))
-    floor = tol.floor_ulps * eps(dtype) * scale
-    return tol.k * used + floor, used, floor
+    return tol.bound(used, eps(dtype), scale), used, tol.floor(eps(dtype), scale)
 
 
 def kernel_verdict(
@@ -127,6 +126,16 @@ def kernel_verdict(
     return None, figures
 
 
+def variant_verdict(
+    record: Any, variant: Any, reference: Any, golden: Any, real: Any, dtype: str, kind: str
+) -> tuple[str | None, dict[str, float]]:
+    """The rule a registry record declares (`Variant.tolerance`): a kernel-class path against K x
+    the reference's error, a quantized one against its scheme's relative-L2 bound."""
+    if record.kernel_class:
+        return kernel_verdict(variant, reference, golden, real, dtype)
+    return quant_verdict(variant, golden, real, dtype, record.tolerance, kind)
+
+
 def agreement_verdict(
     out: Any, golden: Any, real: Any, ulps: float, what: str
 ) -> tuple[str | None, dict[str, float]]:
@@ -157,7 +166,7 @@ def quant_verdict(
     variant: Any, golden: Any, real: Any, dtype: str, scheme: str, kind: str
 ) -> tuple[str | None, dict[str, float]]:
     """||variant - golden|| / ||golden|| on real tokens under the scheme's bound; top-1 recorded."""
-    tol = tolerances.quant(scheme, dtype)
+    tol = tolerances.quant(scheme)
     v, g = variant[real], golden[real]
     rel = float((v - g).norm() / g.norm()) if float(g.norm()) > 0 else 0.0
     figures = {"rel_l2_err": rel, "bound": tol.max_rel_l2, "err_over_bound": rel / tol.max_rel_l2}
@@ -181,9 +190,8 @@ def invariance_verdict(
     at most K x the plain reference's own rounding error on these sequences, plus a floor."""
     import torch
 
-    tol = tolerances.invariance(dtype)
-    floor = tol.floor_ulps * eps(dtype) * scale
-    bound = tol.k * noise + floor
+    tol = tolerances.kernel(dtype)
+    floor, bound = tol.floor(eps(dtype), scale), tol.bound(noise, eps(dtype), scale)
     finite = torch.isfinite(want)
     if (finite & ~torch.isfinite(got)).any():
         where = int((finite & ~torch.isfinite(got)).any(-1).nonzero()[0])
@@ -200,13 +208,13 @@ def invariance_verdict(
 
 
 def spread_verdict(
-    got: Any, want: Any, scheme: str, dtype: str, what: str
+    got: Any, want: Any, scheme: str, what: str
 ) -> tuple[str | None, dict[str, Any]]:
     """For a path whose rows depend on the batch by design: the two runs may differ by at most the
     scheme's own error bound, ||got - want|| / ||want|| <= tolerances.QUANT[scheme]."""
     import torch
 
-    bound = tolerances.quant(scheme, dtype).max_rel_l2
+    bound = tolerances.quant(scheme).max_rel_l2
     finite = torch.isfinite(want) & torch.isfinite(got)
     if not bool(finite.all()):
         return f"{what}: non-finite output on real tokens", {}

@@ -128,9 +128,9 @@ def full_with_cache_off(loaded: Loaded, input_ids: Any, mask: Any) -> Any:
     """The same tokens in one forward, no cache: what every cached decoding must reproduce."""
     import torch
 
-    from conformance.running import _tensors
+    from conformance.running import plain_inputs
 
-    inputs = _tensors(loaded, input_ids, mask)
+    inputs = plain_inputs(loaded, input_ids, mask)
     with forward_phase(loaded), torch.inference_mode(), loaded.variant.context():
         out = loaded.model(**inputs, use_cache=False)
     return out.logits.detach().to("cpu", torch.float64)

@@ -116,7 +116,7 @@ def _run_entry(entry: dict[str, Any], spec: dict[str, Any], rank: int, out: Path
     from conformance import decoding, generation
     from conformance import distributed as dist_plan
     from conformance.probes import OpCounter
-    from conformance.running import _run, _tensors, forward, forward_per_row, load
+    from conformance.running import forward, forward_ids, forward_per_row, load
     from conformance.strategies import BatchSpec, pad_rows
     from conformance.variants import REGISTRY
     from conformance.zoo import ZooModel
@@ -169,7 +169,7 @@ def _run_entry(entry: dict[str, Any], spec: dict[str, Any], rank: int, out: Path
 
     def padded(rows: list[Any]) -> Any:
         ids, mask = pad_rows(rows, "right", loaded.pad_id, width)
-        return _run(loaded, _tensors(loaded, ids, mask))
+        return forward_ids(loaded, ids, mask)
 
     task("batch/first", lambda: padded(rows))
     task("batch/second", lambda: padded([*reversed(rows), extra]))

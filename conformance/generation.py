@@ -14,7 +14,7 @@ from typing import Any
 
 from conformance import tolerances
 from conformance.compare import kernel_bound
-from conformance.running import Loaded, _run, _tensors
+from conformance.running import Loaded, forward_ids
 
 
 @dataclass(frozen=True)
@@ -55,11 +55,11 @@ def allowed_error(loaded: Loaded, reference: Loaded, golden: Loaded, prefix: Any
     import torch
 
     ones = torch.ones_like(prefix)[None]
-    gold = _run(golden, _tensors(golden, prefix[None], ones))[0, -1]
-    if loaded.variant.tolerance != "kernel":
-        bound = tolerances.quant(loaded.variant.tolerance, loaded.dtype).max_rel_l2
+    gold = forward_ids(golden, prefix[None], ones)[0, -1]
+    if not loaded.variant.kernel_class:
+        bound = tolerances.quant(loaded.variant.tolerance).max_rel_l2
         return bound * float(gold.pow(2).mean().sqrt())
-    plain = _run(reference, _tensors(reference, prefix[None], ones))[0, -1]
+    plain = forward_ids(reference, prefix[None], ones)[0, -1]
     return kernel_allowed(plain, gold, loaded.dtype)
 
 
@@ -93,10 +93,10 @@ def golden_departures(
         sequence = torch.cat([prompt, tokens[row, :steps]])[None]
         ones = torch.ones_like(sequence)
         start = len(prompt) - 1
-        gold = _run(golden, _tensors(golden, sequence, ones))[0, start:start + steps]
+        gold = forward_ids(golden, sequence, ones)[0, start:start + steps]
         plain = None
-        if loaded.variant.tolerance == "kernel":
-            plain = _run(reference, _tensors(reference, sequence, ones))[0, start:start + steps]
+        if loaded.variant.kernel_class:
+            plain = forward_ids(reference, sequence, ones)[0, start:start + steps]
         for step in range(steps):
             compared += 1
             got, want = int(tokens[row, step]), int(gold[step].argmax())
@@ -120,7 +120,7 @@ def near_tie_threshold(loaded: Loaded, reference: Loaded, golden: Loaded, prefix
     scheme's flip margin was measured on real weights (tolerances.QUALITY), that caps it.
     """
     allowed = 2 * allowed_error(loaded, reference, golden, prefix)
-    if loaded.variant.tolerance == "kernel":
+    if loaded.variant.kernel_class:
         return allowed
     measured = tolerances.quality(loaded.variant.tolerance, loaded.variant.id).max_flip_margin
     return allowed if measured is None else min(allowed, measured)

@@ -6,13 +6,13 @@ Hooks and fixtures only; torch and transformers are imported when a check first 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from conformance import profiles as _profiles
+from conformance.claims import CLAIM_IDS, CLAIM_RE
 from conformance.compat import DTYPE_NAMES
 from conformance.report import Record, Report, not_applicable
 from conformance.session import USER_MODELS, asked, decide, selection
@@ -20,9 +20,6 @@ from conformance.session import USER_MODELS, asked, decide, selection
 # xdist: one worker per GPU, each pinned to its own; multi_gpu checks (conformance/gpus.py)
 pytest_plugins = ["conformance.gpus"]
 
-CLAIM_RE = re.compile(r"^(C\d\d|REF|EXT)$")
-# EXT: an optimized path the documentation set covers beyond SPEC's claims (torch.compile)
-CLAIM_IDS = [f"C{n:02d}" for n in range(1, 17)] + ["REF", "EXT"]
 PROFILE = pytest.StashKey[str]()
 EXPECTATIONS = pytest.StashKey["tuple[list[Any], list[Any]]"]()
 UNMATCHED = pytest.StashKey["list[Any]"]()

@@ -88,13 +88,16 @@ def _load(zoo_model: ZooModel, variant: Variant, dtype: str, device: str, workdi
 
 def model_inputs(loaded: Loaded, batch: BatchSpec) -> dict[str, Any]:
     """Tensors for one forward; decoders get position ids that skip left padding (as generate does)."""
-    return _tensors(loaded, *batch.materialize(loaded.vocab_size, loaded.pad_id))
+    return plain_inputs(loaded, *batch.materialize(loaded.vocab_size, loaded.pad_id))
 
 
 def plain_inputs(loaded: Loaded, input_ids: Any, mask: Any) -> dict[str, Any]:
     """The plain call's inputs: ids, mask and (where the model takes them) positions that skip
     left padding, on the model's device."""
-    return _tensors(loaded, input_ids, mask)
+    inputs = {"input_ids": input_ids, "attention_mask": mask}
+    if loaded.accepts_position_ids:
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {k: v.to(loaded.device) for k, v in inputs.items()}
 
 
 def call_model(loaded: Loaded, inputs: dict[str, Any], counter: OpCounter | None = None) -> Any:
@@ -123,19 +126,19 @@ def main_output(loaded: Loaded, out: Any) -> Any:
     return tensor.detach().to("cpu", torch.float64)
 
 
-def _tensors(loaded: Loaded, input_ids: Any, mask: Any) -> dict[str, Any]:
-    inputs = {"input_ids": input_ids, "attention_mask": mask}
-    if loaded.accepts_position_ids:
-        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {k: v.to(loaded.device) for k, v in inputs.items()}
-
-
 def forward(loaded: Loaded, batch: BatchSpec, counter: OpCounter | None = None) -> Any:
     """Outputs (logits / last hidden state) as float64 on CPU, run inside the variant's context."""
-    return _run(loaded, model_inputs(loaded, batch), counter)
+    return run_inputs(loaded, model_inputs(loaded, batch), counter)
 
 
-def _run(loaded: Loaded, inputs: dict[str, Any], counter: OpCounter | None = None) -> Any:
+def forward_ids(loaded: Loaded, input_ids: Any, mask: Any, counter: OpCounter | None = None) -> Any:
+    """`forward` on given ids and mask (a chunk, a prefix, one row) rather than a drawn batch."""
+    return run_inputs(loaded, plain_inputs(loaded, input_ids, mask), counter)
+
+
+def run_inputs(loaded: Loaded, inputs: dict[str, Any], counter: OpCounter | None = None) -> Any:
+    """The main output (`main_output`) of the model called on `inputs` as they are (no mask, an
+    option, a cache): the one place a check's forward goes through `call_model`."""
     return main_output(loaded, call_model(loaded, inputs, counter))
 
 
@@ -216,7 +219,7 @@ def forward_per_row(loaded: Loaded, batch: BatchSpec) -> Any:
     for row in range(len(batch.lengths)):
         real = mask[row].bool()
         ids = input_ids[row][real][None]
-        out = _run(loaded, _tensors(loaded, ids, torch.ones_like(ids)))
+        out = forward_ids(loaded, ids, torch.ones_like(ids))
         full = torch.full((batch.width, out.shape[-1]), float("nan"), dtype=torch.float64)
         full[real] = out[0]
         rows.append(full)

@@ -10,15 +10,17 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
+from conformance.claims import CLAIM_IDS
 from conformance.compat import eager_experts, force_sdpa_backend, legacy_sdp_kernel
 from conformance.fa4 import EntryProof
 from conformance.needs import CURRENT_STACK, GPU_RUNNER, LEGACY_STACK, Needs
 from conformance.probes import Proof
 
 KINDS = frozenset({"decoder", "encoder"})
+KERNEL_CLASS = "kernel"  # the tolerance rule of every path that must compute the same function
 HALF = frozenset({"fp16", "bf16"})
 
 SDPA_OPS = ("aten::_scaled_dot_product*",)
@@ -62,9 +64,8 @@ class Variant:
     post_load: Callable[[Any], Any] | None = None
     context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
     proof: Mapping[str, Proof] = field(default_factory=dict)  # model kind -> proof
-    tolerance: str = "kernel"
+    tolerance: str = KERNEL_CLASS  # or a quantization scheme of tolerances.QUANT
     kinds: frozenset[str] = KINDS
-    deterministic: bool = True
     place_with_device_map: bool = False  # quantized loads place weights at load time
     reference: bool = False
     # load errors that are the library's documented refusal for this model: a skip, not a failure
@@ -88,6 +89,30 @@ class Variant:
     # a model sharded over several processes by transformers itself (None: one process); such a
     # variant runs only in test_distributed.py, through conformance/distributed.py's launcher
     distributed: Distributed | None = None
+
+    def __post_init__(self) -> None:
+        """A record's claims, tolerance rule and proofs are checked where it is declared, so a
+        typo is an import error naming the record, not a silently unjudged variant."""
+        from conformance import tolerances
+
+        unknown = [claim for claim in self.claims if claim not in CLAIM_IDS]
+        if unknown:
+            raise ValueError(f"variant {self.id!r}: unknown claim ids {unknown} (SPEC.md: {CLAIM_IDS})")
+        if self.tolerance != KERNEL_CLASS and self.tolerance not in tolerances.QUANT:
+            raise ValueError(f"variant {self.id!r}: tolerance {self.tolerance!r} is neither "
+                             f"{KERNEL_CLASS!r} nor a scheme of tolerances.QUANT {sorted(tolerances.QUANT)}")
+        if not self.kinds or not self.kinds <= KINDS or not set(self.proof) <= KINDS:
+            raise ValueError(f"variant {self.id!r}: kinds {sorted(self.kinds)} and proofs "
+                             f"{sorted(self.proof)} must be model kinds of {sorted(KINDS)}")
+        unproven = sorted(self.kinds - set(self.proof))
+        if self.claims and unproven:  # only the golden runs (no claim) judge without a proof
+            raise ValueError(f"variant {self.id!r}: no proof that its path ran on {unproven} models")
+
+    @property
+    def kernel_class(self) -> bool:
+        """Judged like a kernel: K x the plain reference's error (tolerances.KERNEL); otherwise
+        by its quantization scheme's own bound (tolerances.QUANT[tolerance])."""
+        return self.tolerance == KERNEL_CLASS
 
     def proof_for(self, kind: str) -> Proof | None:
         return self.proof.get(kind)
@@ -216,21 +241,19 @@ LEGACY_BNB_KWARG = Needs(
 
 
 def _quantized(
-    vid: str, summary: str, needs: Needs, load_kwargs: Callable[[Any], dict[str, Any]], scheme: str
+    vid: str, summary: str, needs: Needs, load_kwargs: Callable[[Any], dict[str, Any]], scheme: str,
+    **record: Any,
 ) -> Variant:
-    """A bitsandbytes record: what every quantized variant shares, derived from its scheme."""
-    return Variant(
-        vid,
-        ("C10",) if scheme == "int8" else ("C11",),
-        summary,
-        needs=needs,
-        load_kwargs=load_kwargs,
+    """A bitsandbytes record: what every quantized variant shares, derived from its scheme;
+    `record` keywords (claims, kinds, proof, ...) state where it differs, in its declaration."""
+    derived: dict[str, Any] = dict(
+        claims=("C10",) if scheme == "int8" else ("C11",),
         proof=_both(BNB_PROOF),
-        tolerance=scheme,
-        place_with_device_map=True,
         input_refusals=() if scheme == "int8" else BNB_4BIT_CPU_SHAPES,
         batch_dependent=LLM_INT8_BATCH_WIDE if scheme == "int8" else "",
     )
+    return Variant(vid, summary=summary, needs=needs, load_kwargs=load_kwargs, tolerance=scheme,
+                   place_with_device_map=True, **{**derived, **record})
 
 
 # llm_int8_skip_modules patterns (transformers' match: prefix/regex at a module boundary, or a
@@ -242,9 +265,10 @@ BNB_SKIP_MODULES = (r".*\.mlp", r".*\.intermediate", r".*\.ffn", "fc1", "lm_head
 DECODERS = frozenset({"decoder"})
 # knob variants run in half precision only: there a float32 compute dtype differs from the run
 # dtype, and every check's cases stay few (a quantized variant costs ~10-50 s per run per dtype)
-KNOB_NEEDS = replace(BNB_NEEDS, dtypes={"cpu": frozenset({"bf16"}), "cuda": HALF},
-                     dtype_note="a knob variant runs in half precision only (in fp32 a float32 "
-                                "compute dtype is the run dtype; one dtype keeps the run fast)")
+KNOB_DTYPES = ("a knob variant runs in half precision only (in fp32 a float32 compute dtype is the "
+               "run dtype; one dtype keeps the run fast)")
+KNOB_NEEDS = Needs(packages=BNB_NEEDS.packages, packages_on=BNB_ON_CPU, where=CURRENT_STACK,
+                   dtypes={"cpu": frozenset({"bf16"}), "cuda": HALF}, dtype_note=KNOB_DTYPES)
 
 
 # LLM.int8 (Dettmers et al. 2022) keeps in 16-bit the hidden dimensions where *any* token of the
@@ -362,15 +386,15 @@ def _quantized_sdpa(scheme: str, backend: str) -> Variant:
     config: dict[str, Any] = ({"load_in_8bit": True} if scheme == "int8"
                               else {"load_in_4bit": True, "bnb_4bit_quant_type": scheme})
     name = "LLM.int8" if scheme == "int8" else "4-bit NormalFloat"
-    return replace(
-        _quantized(f"bnb_{scheme}+sdpa_{backend}", f"{name} with SDPA forced to the {backend} backend",
-                   BNB_NEEDS, _bnb(attn="sdpa", **config), scheme),
-        claims=("C10", "C08") if scheme == "int8" else ("C11", "C13"),
-        needs=replace(KNOB_NEEDS, packages={**BNB_NEEDS.packages, **backend_needs.packages},
-                      devices=backend_needs.devices, min_capability=backend_needs.min_capability,
-                      where=backend_needs.where or KNOB_NEEDS.where, dtype_note=COMBO_DTYPES),
-        kinds=DECODERS, context=forced.context, refusals=NO_SUCH_IMPLEMENTATION,
-        proof=_both(AllProofs((BNB_PROOF, forced.proof["decoder"]))))
+    needs = Needs(packages={**BNB_NEEDS.packages, **backend_needs.packages}, packages_on=BNB_ON_CPU,
+                  devices=backend_needs.devices, min_capability=backend_needs.min_capability,
+                  dtypes=KNOB_NEEDS.dtypes, where=backend_needs.where or CURRENT_STACK,
+                  dtype_note=COMBO_DTYPES)
+    return _quantized(f"bnb_{scheme}+sdpa_{backend}", f"{name} with SDPA forced to the {backend} backend",
+                      needs, _bnb(attn="sdpa", **config), scheme,
+                      claims=("C10", "C08") if scheme == "int8" else ("C11", "C13"),
+                      kinds=DECODERS, context=forced.context, refusals=NO_SUCH_IMPLEMENTATION,
+                      proof=_both(AllProofs((BNB_PROOF, forced.proof["decoder"]))))
 
 
 FA2_BNB_PACKAGES = {"bitsandbytes": ">=0.39", "flash-attn": ">=2.1", "transformers": ">=4.36"}
@@ -380,14 +404,10 @@ def _quantized_fa2(vid: str, summary: str, load_kwargs: Callable[[Any], dict[str
                    scheme: str, needs: Needs | None = None, flash: Proof = FA2_PROOF) -> Variant:
     """FlashAttention over a bitsandbytes model (C04; C13 for 4-bit): both paths must run in one
     forward (FA2 by default; FA4 with its own needs and proof)."""
-    return replace(
-        _quantized(vid, summary, needs or Needs(packages=FA2_BNB_PACKAGES, **FA2_NEEDS), load_kwargs,
-                   scheme),
-        claims=("C04", "C10") if scheme == "int8" else ("C04", "C11", "C13"),
-        kinds=DECODERS,
-        refusals=NO_SUCH_IMPLEMENTATION,
-        proof={"decoder": AllProofs((BNB_PROOF, flash))},
-    )
+    return _quantized(vid, summary, needs or Needs(packages=FA2_BNB_PACKAGES, **FA2_NEEDS), load_kwargs,
+                      scheme, claims=("C04", "C10") if scheme == "int8" else ("C04", "C11", "C13"),
+                      kinds=DECODERS, refusals=NO_SUCH_IMPLEMENTATION,
+                      proof={"decoder": AllProofs((BNB_PROOF, flash))})
 
 
 FA4_BNB_NEEDS = Needs(packages={**FA4_PACKAGES, "bitsandbytes": ">=0.47"}, **FA4_NEEDS)
@@ -541,30 +561,29 @@ REGISTRY: dict[str, Variant] = {
                                    bnb_4bit_use_double_quant=True), "nf4"),
         # the schemes' knobs (issue 6): each a variant id, not a loop inside a check; one dtype
         # per device (KNOB_NEEDS) keeps the default run fast: the knob is what they add
-        replace(_quantized("bnb_int8_no_outliers", "LLM.int8 with llm_int8_threshold=0.0: no 16-bit "
-                           "outlier path", BNB_NEEDS, _bnb(load_in_8bit=True, llm_int8_threshold=0.0),
-                           "int8"), needs=KNOB_NEEDS,
-                # encoders only: MiniLM is where switching the outlier path off measurably costs
-                # quality, and int8 cases are the suite's slowest (decoder figures measured once,
-                # README "Quantization")
-                kinds=frozenset({"encoder"})),
-        replace(_quantized("bnb_int8_skip", "LLM.int8 with llm_int8_skip_modules: MLP input "
-                           "projections and lm_head kept in the run dtype", BNB_NEEDS,
-                           _bnb(load_in_8bit=True, llm_int8_skip_modules=list(BNB_SKIP_MODULES)),
-                           "int8"), needs=KNOB_NEEDS, kinds=DECODERS),
-        replace(_quantized("bnb_nf4_c32", "4-bit NormalFloat, bnb_4bit_compute_dtype=float32 while "
-                           "the unquantized weights stay in the run dtype", BNB_NEEDS,
-                           _bnb("float32", load_in_4bit=True, bnb_4bit_quant_type="nf4"), "nf4"),
-                needs=KNOB_NEEDS, kinds=DECODERS),
+        _quantized("bnb_int8_no_outliers", "LLM.int8 with llm_int8_threshold=0.0: no 16-bit outlier "
+                   "path", KNOB_NEEDS, _bnb(load_in_8bit=True, llm_int8_threshold=0.0), "int8",
+                   # encoders only: MiniLM is where switching the outlier path off measurably costs
+                   # quality, and int8 cases are the suite's slowest (decoder figures measured once,
+                   # README "Quantization")
+                   kinds=frozenset({"encoder"})),
+        _quantized("bnb_int8_skip", "LLM.int8 with llm_int8_skip_modules: MLP input projections and "
+                   "lm_head kept in the run dtype", KNOB_NEEDS,
+                   _bnb(load_in_8bit=True, llm_int8_skip_modules=list(BNB_SKIP_MODULES)), "int8",
+                   kinds=DECODERS),
+        _quantized("bnb_nf4_c32", "4-bit NormalFloat, bnb_4bit_compute_dtype=float32 while the "
+                   "unquantized weights stay in the run dtype", KNOB_NEEDS,
+                   _bnb("float32", load_in_4bit=True, bnb_4bit_quant_type="nf4"), "nf4", kinds=DECODERS),
         # the guides' own 4-bit configuration: BitsAndBytesConfig(load_in_4bit=True,
         # bnb_4bit_compute_dtype=torch.float16) on a model loaded in float32
-        replace(_quantized("bnb_nf4_c16", "4-bit NormalFloat, bnb_4bit_compute_dtype=float16 on a "
-                           "float32 model (the guides' configuration)", BNB_NEEDS,
-                           _bnb("float16", load_in_4bit=True, bnb_4bit_quant_type="nf4"), "nf4"),
-                needs=replace(BNB_NEEDS, dtypes={"cpu": frozenset({"fp32"}), "cuda": frozenset({"fp32"})},
-                              dtype_note="the guides' configuration: a float32 model whose 4-bit "
-                                         "layers compute in float16"),
-                kinds=DECODERS, compute_dtype="fp16"),
+        _quantized("bnb_nf4_c16", "4-bit NormalFloat, bnb_4bit_compute_dtype=float16 on a float32 model "
+                   "(the guides' configuration)",
+                   Needs(packages=BNB_NEEDS.packages, packages_on=BNB_ON_CPU, where=CURRENT_STACK,
+                         dtypes={"cpu": frozenset({"fp32"}), "cuda": frozenset({"fp32"})},
+                         dtype_note="the guides' configuration: a float32 model whose 4-bit layers "
+                                    "compute in float16"),
+                   _bnb("float16", load_in_4bit=True, bnb_4bit_quant_type="nf4"), "nf4",
+                   kinds=DECODERS, compute_dtype="fp16"),
         # the guides' combination (a 4-bit model with SDPA forced to the flash kernel), for each
         # bitsandbytes format and each forced backend; the device's own ones run
         *(_quantized_sdpa(scheme, backend) for scheme in ("int8", "nf4") for backend in FORCED_SDPA),
@@ -580,22 +599,20 @@ REGISTRY: dict[str, Variant] = {
                        _bnb(attn="flash_attention_4", load_in_4bit=True, bnb_4bit_quant_type="nf4"),
                        "nf4", FA4_BNB_NEEDS, FA4_PROOF),
         # the guides' own spelling of C04 (transformers < 4.53)
-        replace(_quantized_fa2("load_in_8bit+fa2_kwarg", "the guides' spelling: from_pretrained("
-                               "load_in_8bit=True, use_flash_attention_2=True)",
-                               lambda dtype: {"load_in_8bit": True, "use_flash_attention_2": True},
-                               "int8"),
-                needs=Needs(packages={**FA2_BNB_PACKAGES, "transformers": "<4.53"}, **FA2_NEEDS)),
+        _quantized_fa2("load_in_8bit+fa2_kwarg", "the guides' spelling: from_pretrained("
+                       "load_in_8bit=True, use_flash_attention_2=True)",
+                       lambda dtype: {"load_in_8bit": True, "use_flash_attention_2": True}, "int8",
+                       Needs(packages={**FA2_BNB_PACKAGES, "transformers": "<4.53"}, **FA2_NEEDS)),
         # the guides' "advanced usage" (C13 as written): 4-bit (fp4, BitsAndBytesConfig's default)
         # + BetterTransformer + SDPA forced to flash; transformers 4.48 quantizes on GPU only
-        replace(_quantized("bnb_fp4+bettertransformer", "4-bit float + to_bettertransformer() with "
-                           "SDPA forced to the flash kernel (the guides' advanced usage)",
-                           LEGACY_BNB_KWARG, _bnb(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
-                           "fp4"),
-                claims=("C06", "C11", "C13"),
-                needs=replace(LEGACY_BNB_KWARG, packages={**LEGACY_BNB_KWARG.packages, "optimum": "<2.0"},
-                              dtypes={"cuda": HALF}),
-                kinds=DECODERS, post_load=_to_bettertransformer, context=_forced("flash"),
-                refusals=BT_REFUSALS, proof={"decoder": AllProofs((BNB_PROOF, FLASH_PROOF))}),
+        _quantized("bnb_fp4+bettertransformer", "4-bit float + to_bettertransformer() with SDPA forced "
+                   "to the flash kernel (the guides' advanced usage)",
+                   Needs(packages={**LEGACY_BNB_KWARG.packages, "optimum": "<2.0"}, packages_on=BNB_ON_CPU,
+                         dtypes={"cuda": HALF}, where=LEGACY_BNB_KWARG.where),
+                   _bnb(load_in_4bit=True, bnb_4bit_quant_type="fp4"), "fp4",
+                   claims=("C06", "C11", "C13"), kinds=DECODERS, post_load=_to_bettertransformer,
+                   context=_forced("flash"), refusals=BT_REFUSALS,
+                   proof={"decoder": AllProofs((BNB_PROOF, FLASH_PROOF))}),
         _quantized("load_in_8bit", "the guides' spelling: from_pretrained(load_in_8bit=True)",
                    LEGACY_BNB_KWARG, _legacy_kwarg(load_in_8bit=True), "int8"),
         _quantized("load_in_4bit", "the guides' spelling: from_pretrained(load_in_4bit=True)",

@@ -74,6 +74,45 @@ def test_every_variant_names_claims_and_a_known_tolerance() -> None:
         assert variant.proof, f"{variant.id} must say which ops prove its path ran"
 
 
+@pytest.mark.parametrize(("changes", "says"), [
+    ({"claims": ("C99",)}, "unknown claim ids ['C99']"),
+    ({"tolerance": "int3"}, "tolerance 'int3' is neither 'kernel' nor a scheme"),
+    ({"kinds": frozenset({"decoder", "seq2seq"})}, "must be model kinds"),
+    ({"proof": {"decoder": variants.SDPA_PROOF}}, "no proof that its path ran on ['encoder'] models"),
+])
+def test_a_record_is_checked_where_it_is_declared(changes: dict, says: str) -> None:
+    """Variant.__post_init__: a typo in a record is an error naming it, at import (the whole
+    registry above loaded without one)."""
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match=r"variant 'sdpa'") as raised:
+        replace(variants.REGISTRY["sdpa"], **changes)
+    assert says in str(raised.value)
+
+
+def test_quant_bounds_are_their_measurement() -> None:
+    """QUANT: 1.5 x the worst measured relative-L2 error, rounded up (tolerances.py says where)."""
+    assert set(tolerances.QUANT) == set(tolerances.QUANT_MEASURED_MAX)
+    for scheme, worst in tolerances.QUANT_MEASURED_MAX.items():
+        assert 1.5 * worst <= tolerances.QUANT[scheme].max_rel_l2 <= 1.1 * 1.5 * worst, scheme
+
+
+def test_quality_bounds_are_their_measurement() -> None:
+    """QUALITY: 2 x each measured distance from a perfect answer, rounded outward (never inward,
+    and by less than 40% of that distance)."""
+    fields = {"mean_kl": ("max_mean_kl", 0.0), "top1": ("min_top1", 1.0),
+              "perplexity_ratio": ("max_perplexity_ratio", 1.0), "min_cosine": ("min_cosine", 1.0),
+              "mean_cosine": ("min_mean_cosine", 1.0), "flip_margin": ("max_flip_margin", 0.0)}
+    assert set(tolerances.QUALITY) == set(tolerances.QUALITY_MEASURED)
+    for scheme, measured in tolerances.QUALITY_MEASURED.items():
+        for name, worst in measured.items():
+            field, perfect = fields[name]
+            bound = getattr(tolerances.QUALITY[scheme], field)
+            assert bound is not None, (scheme, field)
+            want, given_ = 2 * abs(worst - perfect), abs(bound - perfect)
+            assert want <= given_ + 1e-12 <= 1.4 * want + 1e-12, (scheme, name, bound, worst)
+
+
 def test_kernel_verdict_passes_within_and_fails_beyond_bound() -> None:
     golden = torch.linspace(-3, 3, 2 * 4 * 8, dtype=torch.float64).reshape(2, 4, 8)
     real = torch.ones(2, 4, dtype=torch.bool)

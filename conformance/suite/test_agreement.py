@@ -31,7 +31,7 @@ from conformance.strategies import BatchSpec, batch_specs
 def runs_in_float64(variant: Any) -> bool:
     """Kernel-class paths with the ordinary loading: quantized weights, exported graphs and
     compiled code are other numerics, judged by their own checks."""
-    return variant.tolerance == "kernel" and variant.loader is None and "EXT" not in variant.claims
+    return variant.kernel_class and variant.loader is None and "EXT" not in variant.claims
 
 
 # transformers < 4.50's mask builders allocate with the default dtype and then fill float64's

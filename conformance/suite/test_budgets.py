@@ -20,9 +20,9 @@ import pytest
 
 from conformance import bench, budgets
 from conformance.budgets import Budget
-from conformance.checks import run_proven
+from conformance.checks import load_or_skip, run_proven
 from conformance.report import inconclusive
-from conformance.running import Loaded, LoadError, ModelCache, load, model_inputs
+from conformance.running import Loaded, ModelCache, load, model_inputs
 from conformance.strategies import BatchSpec
 from conformance.variants import REGISTRY
 
@@ -60,21 +60,11 @@ def _claims(budget: Budget) -> tuple[str, ...]:
     return ("C05",) if budget.kind == "sweep" else budget.case.variant.claims
 
 
-def _loaded(load_one: Any) -> Loaded:
-    """`load_one()`, with a load failure as one line (a documented refusal: a skip)."""
-    try:
-        return load_one()
-    except LoadError as exc:
-        if exc.refused:
-            pytest.skip(str(exc))
-        pytest.fail(str(exc), pytrace=False)
-
-
 def _load(cache: ModelCache, budget: Budget) -> tuple[Loaded, Loaded]:
     """(variant, reference) from the session's model cache."""
     case = budget.case
-    reference = _loaded(lambda: cache.get(case.model, REGISTRY[budget.reference], case.dtype))
-    return _loaded(lambda: cache.get(case.model, case.variant, case.dtype)), reference
+    reference = load_or_skip(lambda: cache.get(case.model, REGISTRY[budget.reference], case.dtype))
+    return load_or_skip(lambda: cache.get(case.model, case.variant, case.dtype)), reference
 
 
 def _forward(loaded: Loaded, inputs: dict[str, Any]) -> Any:
@@ -115,10 +105,10 @@ def test_speed_memory_budget(budget: Budget, model_cache: ModelCache, metrics: d
 
 def test_footprint_budget(budget: Budget, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
     case = budget.case
-    reference = _loaded(lambda: model_cache.get(case.model, REGISTRY[budget.reference], case.dtype))
+    reference = load_or_skip(lambda: model_cache.get(case.model, REGISTRY[budget.reference], case.dtype))
     # a fresh copy, as loaded: bitsandbytes' CPU backend repacks 4-bit state on the first forward,
     # so a copy another check already ran would weigh less (and gating would see the order)
-    variant = _loaded(lambda: load(case.model, case.variant, case.dtype, model_cache.device,
+    variant = load_or_skip(lambda: load(case.model, case.variant, case.dtype, model_cache.device,
                                    model_cache.workdir))
     bound, detail = budgets.footprint_bound(reference.model, budget.case.variant.tolerance)
     quantized = sum(1 for m in variant.model.modules()

@@ -43,15 +43,13 @@ def test_logits(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) ->
             problem, figures = compare.reference_verdict(out, expected, real, case.dtype,
                                                          case.model.name)
             metrics["max_ref_ulps"] = max(metrics.get("max_ref_ulps", 0.0), figures["ref_ulps"])
-        elif case.variant.tolerance == "kernel":
-            problem, figures = compare.kernel_verdict(out, plain, expected, real, case.dtype)
-            if problem is not None:  # where it starts: the first layer out of its bound
+        else:
+            problem, figures = compare.variant_verdict(case.variant, out, plain, expected, real,
+                                                       case.dtype, case.model.kind)
+            if problem is not None and case.variant.kernel_class:  # the first layer out of bound
                 figures["first_divergence"] = localize.localize(variant, reference, golden, batch,
                                                                 case.dtype)
                 problem = f"{problem}; {figures['first_divergence']['text']}"
-        else:
-            problem, figures = compare.quant_verdict(out, expected, real, case.dtype,
-                                                     case.variant.tolerance, case.model.kind)
         keep_worst(metrics, figures, batch)
         assert problem is None, f"{case.id}: {problem}"
 

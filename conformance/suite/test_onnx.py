@@ -16,9 +16,9 @@ import pytest
 
 from conformance import onnx_runtime
 from conformance.cases import Case
-from conformance.checks import run_proven
+from conformance.checks import load_or_skip, run_proven
 from conformance.compat import parse_dtype
-from conformance.running import Loaded, LoadError, ModelCache
+from conformance.running import Loaded, ModelCache
 from conformance.strategies import BatchSpec
 from conformance.variants import Variant
 
@@ -34,12 +34,7 @@ def _onnx_runtime(variant: Variant) -> bool:
 
 def _load(cache: ModelCache, case: Case) -> Loaded:
     """The variant from the session's cache; a refusal is a skip, a failure one line."""
-    try:
-        return cache.get(case.model, case.variant, case.dtype)
-    except LoadError as exc:
-        if exc.refused:
-            pytest.skip(str(exc))
-        pytest.fail(str(exc), pytrace=False)
+    return load_or_skip(lambda: cache.get(case.model, case.variant, case.dtype))
 
 
 def _requested(case: Case) -> str:

@@ -12,7 +12,7 @@ import pytest
 
 from conformance import footprint, quality, tolerances
 from conformance.cases import Case
-from conformance.checks import load_golden, unrefused
+from conformance.checks import load_golden, load_or_skip, unrefused
 from conformance.running import Loaded, LoadError, ModelCache, load
 from conformance.variants import REFERENCE, REGISTRY, Variant
 
@@ -31,23 +31,13 @@ def _trained(model: Any) -> bool:
 
 def _get(cache: ModelCache, case: Case, variant: Variant, dtype: str | None = None,
          device: str | None = None) -> Loaded:
-    try:
-        return cache.get(case.model, variant, dtype or case.dtype, device=device)
-    except LoadError as exc:
-        if exc.refused:
-            pytest.skip(str(exc))
-        pytest.fail(str(exc), pytrace=False)
+    return load_or_skip(lambda: cache.get(case.model, variant, dtype or case.dtype, device=device))
 
 
 def _fresh(cache: ModelCache, case: Case) -> Loaded:
     """A load of its own, untouched by any forward: a 4-bit layer repacks its state on its first
     forward on CPU and LLM.int8 drops SCB, so the cached (used) copy no longer shows the load."""
-    try:
-        return load(case.model, case.variant, case.dtype, cache.device, cache.workdir)
-    except LoadError as exc:
-        if exc.refused:
-            pytest.skip(str(exc))
-        pytest.fail(str(exc), pytrace=False)
+    return load_or_skip(lambda: load(case.model, case.variant, case.dtype, cache.device, cache.workdir))
 
 
 def _scheme(case: Case) -> footprint.Scheme:

@@ -22,7 +22,7 @@ import pytest
 
 from conformance import compare, roundtrip
 from conformance.cases import Case
-from conformance.checks import attempt, golden_outputs, load_or_fail
+from conformance.checks import attempt, golden_outputs, load_or_fail, load_or_skip
 from conformance.running import Loaded, LoadError, ModelCache, forward, load
 from conformance.strategies import BatchSpec
 from conformance.variants import NO_SUCH_IMPLEMENTATION, REFERENCE, REGISTRY, Variant
@@ -62,21 +62,15 @@ def scratch(tmp_path: Path) -> Iterator[Path]:
 def _fresh(cache: ModelCache, case: Case, variant: Variant | None = None) -> Loaded:
     """A load of our own (never the shared cache's: round-trips mutate, and a model that already
     ran may hold repacked weights); a refusal is a skip, a failure one line."""
-    try:
-        return load(case.model, variant or case.variant, case.dtype, cache.device, cache.workdir)
-    except LoadError as exc:
-        if exc.refused:
-            pytest.skip(str(exc))
-        pytest.fail(str(exc), pytrace=False)
+    return load_or_skip(lambda: load(case.model, variant or case.variant, case.dtype, cache.device,
+                                     cache.workdir))
 
 
 def _reload(case: Case, cache: ModelCache, path: Path, variant: Variant | None = None,
             **extra: Any) -> Loaded:
-    try:
-        return roundtrip.reload(case.model, variant or case.variant, case.dtype, cache.device, path,
-                                cache.workdir, extra=extra)
-    except LoadError as exc:
-        pytest.fail(f"{case.id}: reload failed: {exc}", pytrace=False)
+    return load_or_skip(lambda: roundtrip.reload(case.model, variant or case.variant, case.dtype,
+                                                 cache.device, path, cache.workdir, extra=extra),
+                        failure=f"{case.id}: reload failed: {{}}")
 
 
 def _outputs(loaded: Loaded) -> tuple[Any, str | None]:
@@ -365,14 +359,11 @@ def test_quantized_reload_offloaded(
     offload = _offloading(model_cache.device, fresh.model.get_memory_footprint(), scratch / "offload")
     metrics["max_memory"] = {str(k): v for k, v in offload["max_memory"].items()}
     roundtrip.save(case.variant, fresh.model, scratch / "saved")
-    try:
-        again = roundtrip.reload(case.model, case.variant, case.dtype, model_cache.device,
-                                 scratch / "saved", model_cache.workdir, extra=offload,
-                                 refusals=roundtrip.OFFLOAD_REFUSALS)
-    except LoadError as exc:
-        if exc.refused:
-            pytest.skip(f"offloading refused by the library: {exc}")
-        pytest.fail(f"{case.id}: offloaded reload failed: {exc}", pytrace=False)
+    again = load_or_skip(lambda: roundtrip.reload(case.model, case.variant, case.dtype, model_cache.device,
+                                                  scratch / "saved", model_cache.workdir, extra=offload,
+                                                  refusals=roundtrip.OFFLOAD_REFUSALS),
+                         failure=f"{case.id}: offloaded reload failed: {{}}",
+                         refusal="offloading refused by the library: {}")
     metrics["device_map"] = sorted({str(v) for v in getattr(again.model, "hf_device_map", {}).values()})
     _same_quantized(case, "reloaded offloaded", fresh, state, quant, again, metrics)
     expected, refused = _outputs(fresh)

@@ -22,9 +22,9 @@ import pytest
 
 from conformance import compare, placement
 from conformance.cases import Case
-from conformance.checks import golden_outputs, load_or_fail
+from conformance.checks import golden_outputs, load_or_fail, load_or_skip
 from conformance.gpus import gpu_count
-from conformance.running import Loaded, LoadError, ModelCache
+from conformance.running import LoadError, ModelCache
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 # transformers refuses to put bitsandbytes-quantized modules on the CPU or disk (documented)
@@ -63,10 +63,8 @@ def _close(case: Case, cache: ModelCache) -> Any:
     real = batch.mask().bool()
 
     def verdict(out: Any, single: Any) -> tuple[str | None, dict[str, Any]]:
-        if case.variant.tolerance == "kernel":
-            return compare.kernel_verdict(out, single, expected, real, case.dtype)
-        return compare.quant_verdict(out, expected, real, case.dtype, case.variant.tolerance,
-                                     case.model.kind)
+        return compare.variant_verdict(case.variant, out, single, expected, real, case.dtype,
+                                       case.model.kind)
 
     return verdict
 
@@ -80,12 +78,8 @@ def sharded_matches_single_gpu(case: Case, strategy: str, cache: ModelCache, met
     __tracebackhide__ = True
     if not cache.device.startswith("cuda"):
         pytest.skip(f"sharding over GPUs needs --device cuda (this run: {cache.device})")
-    try:
-        single: Loaded = cache.get(case.model, case.variant, case.dtype)
-    except LoadError as exc:
-        if exc.refused:
-            pytest.skip(str(exc))
-        _fail(case, f"the single-GPU model does not load: {exc}")
+    single = load_or_skip(lambda: cache.get(case.model, case.variant, case.dtype),
+                          failure=f"{case.id}: the single-GPU model does not load: {{}}")
     gpus = gpu_count()
     size = placement.model_bytes(single.model)
     largest = max(placement.unit_bytes(single.model, placement.units(single.model)).values())
@@ -123,7 +117,7 @@ def sharded_matches_single_gpu(case: Case, strategy: str, cache: ModelCache, met
         metrics["gpus_used"] = on_gpus
         close = None if identical_gpus(on_gpus or [0]) else _close(case, cache)
         metrics["bitwise"] = close is None
-        quantized = case.variant.tolerance != "kernel"
+        quantized = not case.variant.kernel_class
         problem = placement.compare_placed(
             placed, single, metrics,
             None if quantized else placement.reference_weights(single.model),
