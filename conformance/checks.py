@@ -95,7 +95,7 @@ def _weight_dtypes(model: Any) -> list[Any]:
     (no torch parameters), the initializers of the graph its session runs."""
     if hasattr(model, "parameters"):
         return [param.dtype for param in model.parameters()]
-    from conformance.onnx_runtime import initializer_dtypes
+    from conformance.paths.onnx_runtime import initializer_dtypes
 
     return initializer_dtypes(model)
 
@@ -143,7 +143,7 @@ def run_proven(loaded: Loaded, batch: BatchSpec, metrics: dict[str, Any]) -> Any
     __tracebackhide__ = True
     proof = loaded.variant.proof_for(loaded.zoo.kind)
     # a proof may bring its own probe: compiled code runs eagerly under the op counter's dispatch
-    # mode, so torch.compile's proof watches the profiler instead (conformance/compiled.py)
+    # mode, so torch.compile's proof watches the profiler instead (conformance/paths/compiled.py)
     counter = proof.probe() if hasattr(proof, "probe") else OpCounter()
     out = unrefused(loaded, lambda: forward(loaded, batch, counter))
     if proof is not None:

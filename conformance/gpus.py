@@ -211,7 +211,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             continue
         have = gpu_count()
         if have < need:
-            from conformance.report import not_applicable
+            from conformance.outcomes import not_applicable
 
             item.add_marker(pytest.mark.skip(reason=not_applicable(
                 f"needs {need} CUDA GPUs (visible: {have}): run on a multi-GPU runner, "

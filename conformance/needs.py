@@ -93,14 +93,14 @@ def _flash_attn_4_importable() -> str | None:
 
 
 def _optimum_onnxruntime_missing() -> str | None:
-    from conformance.onnx_runtime import optimum_ort_missing
+    from conformance.paths.onnx_runtime import optimum_ort_missing
 
     return optimum_ort_missing()
 
 
 def _ort_provider(provider: str) -> Callable[[], str | None]:
     def missing() -> str | None:
-        from conformance.onnx_runtime import provider_missing
+        from conformance.paths.onnx_runtime import provider_missing
 
         return provider_missing(provider)
 
@@ -108,13 +108,13 @@ def _ort_provider(provider: str) -> Callable[[], str | None]:
 
 
 def _compile_opted_in() -> str | None:
-    from conformance.compiled import opt_in_missing
+    from conformance.paths.compiled import opt_in_missing
 
     return opt_in_missing()
 
 
 def _cxx_compiler() -> str | None:
-    from conformance.compiled import cxx_compiler_missing
+    from conformance.paths.compiled import cxx_compiler_missing
 
     return cxx_compiler_missing()
 

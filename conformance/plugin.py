@@ -14,7 +14,8 @@ import pytest
 from conformance import profiles as _profiles
 from conformance.claims import CLAIM_IDS, CLAIM_RE
 from conformance.compat import DTYPE_NAMES
-from conformance.report import Record, Report, not_applicable
+from conformance.outcomes import not_applicable
+from conformance.reporting.report import Record, Report
 from conformance.session import USER_MODELS, asked, decide, selection
 
 # xdist: one worker per GPU, each pinned to its own; multi_gpu checks (conformance/gpus.py)
@@ -23,7 +24,7 @@ pytest_plugins = ["conformance.gpus"]
 PROFILE = pytest.StashKey[str]()
 EXPECTATIONS = pytest.StashKey["tuple[list[Any], list[Any]]"]()
 UNMATCHED = pytest.StashKey["list[Any]"]()
-BUDGETS = pytest.StashKey["list[Any]"]()  # conformance.budgets.Budget, from --budgets or shipped
+BUDGETS = pytest.StashKey["list[Any]"]()  # conformance.measure.budgets.Budget, from --budgets or shipped
 BASELINE = pytest.StashKey["dict[str, Any]"]()  # --baseline: the previous report.json
 GATING = pytest.StashKey["dict[str, Any]"]()  # the comparison with the baseline, once computed
 
@@ -137,7 +138,7 @@ def _validate_options(config: pytest.Config) -> None:
     if os.environ.get(PLAN_DEVICE) and not config.option.collectonly:
         raise pytest.UsageError(f"{PLAN_DEVICE} plans a run on a device that is not here: it works "
                                 "with --collect-only alone (gpu/run --plan)")
-    from conformance.expectations import ExpectationsError, parse
+    from conformance.reporting.expectations import ExpectationsError, parse
 
     try:
         config.stash[EXPECTATIONS] = (
@@ -146,7 +147,7 @@ def _validate_options(config: pytest.Config) -> None:
         )
     except ExpectationsError as exc:
         raise pytest.UsageError(str(exc)) from None
-    from conformance.budgets import BudgetError, load, shipped_files
+    from conformance.measure.budgets import BudgetError, load, shipped_files
 
     try:
         config.stash[BUDGETS] = load(config.getoption("budgets") or shipped_files())
@@ -154,7 +155,7 @@ def _validate_options(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None
     # imported whether or not --baseline is given: Hypothesis draws constants from every loaded
     # local module, so the set of modules must not depend on options or examples would differ
-    from conformance.gating import BaselineError, load_baseline
+    from conformance.reporting.gating import BaselineError, load_baseline
 
     if config.getoption("baseline"):
         try:
@@ -196,8 +197,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     (xfail plus shrinking is slow and flaky); plain tests get a strict xfail."""
     if not asked(config):
         return
-    from conformance.budgets import requested
-    from conformance.expectations import matches
+    from conformance.measure.budgets import requested
+    from conformance.reporting.expectations import matches
 
     run_budgets = requested(config)  # budget checks are left out of the quick run (budgets.py)
     left_out = [item for item in items if item.get_closest_marker("budget") and (
@@ -229,7 +230,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config) -> Any:
-    """An inconclusive verdict (a skip whose reason starts "inconclusive:", conformance/report.py)
+    """An inconclusive verdict (a skip whose reason starts "inconclusive:", conformance/reporting/report.py)
     is its own terminal category: "N inconclusive" in the summary line, neither passed nor
     skipped, and, like a skip, never a reason for a non-zero exit."""
     if report.skipped and asked(config) and _outcome(report)[0] == "inconclusive":
@@ -263,7 +264,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             f"conformance: {len(inapplicable)} of {len(skipped)} skipped checks are not applicable "
             "on this device (not failures; see the skip reasons)")
     if GATING in config.stash:
-        from conformance.gating import table_lines
+        from conformance.reporting.gating import table_lines
 
         gating = config.stash[GATING]
         for line in table_lines(gating):
@@ -404,7 +405,7 @@ class ReportCollector:
         self.report.environment = _environment(self.config)
         tr = self.config.pluginmanager.get_plugin("terminalreporter")
         if BASELINE in self.config.stash:
-            from conformance.gating import compare
+            from conformance.reporting.gating import compare
 
             current = {"environment": self.report.environment,
                        "results": [r.as_json() for r in self.report.records.values()]}
@@ -418,7 +419,7 @@ class ReportCollector:
         if tr is not None:
             tr.write_line(f"conformance report: {path}")
         try:
-            from conformance.render import render_dir
+            from conformance.reporting.render import render_dir
 
             pages = render_dir(path.parent)
         except Exception as exc:  # the human pages must never change the run's verdict
@@ -431,7 +432,7 @@ def _outcome(report: pytest.TestReport) -> tuple[str, str]:
     if hasattr(report, "wasxfail"):
         return ("xfailed" if report.skipped else "xpassed"), str(report.wasxfail)
     if report.skipped:
-        from conformance.report import skip_outcome
+        from conformance.outcomes import skip_outcome
 
         longrepr = report.longrepr
         reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)

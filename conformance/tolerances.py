@@ -103,7 +103,7 @@ def quant(scheme: str) -> QuantTolerance:
     return QUANT[scheme]
 
 
-# Release gating (--baseline, conformance/gating.py): how far a figure may move between a
+# Release gating (--baseline, conformance/reporting/gating.py): how far a figure may move between a
 # baseline run and this run before it is a regression.
 # - Error figures, same stack, derandomized (ci profile): two runs reproduce every figure
 #   exactly (measured: tests/test_gating.py runs the same selection twice), so the band is zero.

@@ -290,7 +290,7 @@ ORT_DTYPE_NOTE = "Optimum's export=True writes an fp32 graph (half precision is 
 def _ort(vid: str, provider: str, summary: str, devices: frozenset[str], where: str,
          predicate: tuple[str, ...] = ()) -> Variant:
     """An ONNX Runtime record: export with Optimum, run a session on `provider`."""
-    from conformance import onnx_runtime
+    from conformance.paths import onnx_runtime
 
     return Variant(
         vid,
@@ -314,7 +314,7 @@ COMPILE_NEEDS = dict(predicate=("compile_opted_in", "cxx_compiler"))
 
 def _compiled(vid: str, summary: str, needs: Needs, max_graph_breaks: int = 0,
               **compile_args: Any) -> Variant:
-    from conformance import compiled
+    from conformance.paths import compiled
 
     return Variant(
         vid,

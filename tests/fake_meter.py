@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from conformance import bench
+from conformance.measure import bench
 
 RATIOS = "CONFORMANCE_FAKE_RATIOS"
 

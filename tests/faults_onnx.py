@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from faults import Fault, _fault
 
-from conformance import onnx_runtime
+from conformance.paths import onnx_runtime
 from conformance.variants import REGISTRY, _both
 
 

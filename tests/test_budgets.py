@@ -17,8 +17,9 @@ import pytest
 import torch
 from faults_budget import BUDGET_FAULTS, BudgetFault
 
-from conformance import bench, budgets
+from conformance import outcomes
 from conformance.environment import Environment
+from conformance.measure import bench, budgets
 from conftest import DETECTIONS
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -118,11 +119,11 @@ def test_median_interval_is_undecided_with_too_few_rounds() -> None:
 
 
 def test_judge_is_three_way() -> None:
-    assert bench.judge((0.71, 0.8), 0.7) == "pass"
-    assert bench.judge((0.6, 0.69), 0.7) == "fail"
-    assert bench.judge((0.61, 0.77), 0.7) == "inconclusive"  # median 0.688 < 0.7, yet undecided
-    assert bench.judge((0.4, 0.5), 0.5, at_least=False) == "pass"
-    assert bench.judge((0.51, 0.6), 0.5, at_least=False) == "fail"
+    assert outcomes.judge((0.71, 0.8), 0.7) == "pass"
+    assert outcomes.judge((0.6, 0.69), 0.7) == "fail"
+    assert outcomes.judge((0.61, 0.77), 0.7) == "inconclusive"  # median 0.688 < 0.7, yet undecided
+    assert outcomes.judge((0.4, 0.5), 0.5, at_least=False) == "pass"
+    assert outcomes.judge((0.51, 0.6), 0.5, at_least=False) == "fail"
 
 
 class RatioMeter(FakeMeter):
@@ -143,10 +144,10 @@ def test_a_judged_point_stops_once_its_interval_is_decided() -> None:
     policy = _policy(judged_max_rounds=40)
     passed = _compare(RatioMeter([1.5, 1.6, 1.4] * 20), policy, limit=1.0)
     assert passed.converged and passed.speed_ratio.n == 6  # the first n with a 95% interval
-    assert bench.judge(passed.speed_interval, 1.0) == "pass"
+    assert outcomes.judge(passed.speed_interval, 1.0) == "pass"
     failed = _compare(RatioMeter([0.5, 0.55, 0.6] * 20), policy, limit=1.0)
     assert failed.converged and failed.speed_ratio.n == 6
-    assert failed.speed_interval == (0.5, 0.6) and bench.judge(failed.speed_interval, 1.0) == "fail"
+    assert failed.speed_interval == (0.5, 0.6) and outcomes.judge(failed.speed_interval, 1.0) == "fail"
     metrics = failed.as_metrics()
     assert (metrics["speed_ratio_lo"], metrics["speed_ratio_hi"]) == (0.5, 0.6)
 
@@ -156,7 +157,7 @@ def test_a_straddling_interval_runs_to_the_cap_and_is_inconclusive() -> None:
     result = _compare(RatioMeter([0.9, 1.1] * 40), policy, limit=1.0)
     assert not result.converged and result.speed_ratio.n == 40
     assert result.speed_interval == (0.9, 1.1)
-    assert bench.judge(result.speed_interval, 1.0) == "inconclusive"
+    assert outcomes.judge(result.speed_interval, 1.0) == "inconclusive"
     # without a limit the same rounds stop on the noise rule, at max_rounds
     assert _compare(RatioMeter([0.9, 1.1] * 40), policy).speed_ratio.n == 12
 
@@ -168,12 +169,12 @@ def test_the_measured_false_failure_is_inconclusive_and_a_30pct_slowdown_fails()
                           judged_max_seconds=1e9)
     noisy = _compare(RatioMeter(_lognormal(0.69, 0.20, 60)), policy, limit=0.7)
     assert noisy.speed_ratio.n == policy.judged_max_rounds
-    assert bench.judge(noisy.speed_interval, 0.7) == "inconclusive", noisy.speed_interval
+    assert outcomes.judge(noisy.speed_interval, 0.7) == "inconclusive", noisy.speed_interval
     for seed in range(5):
         slow = _compare(RatioMeter(_lognormal(1.0 / 1.3, 0.20, 60, seed)), policy, limit=0.9)
-        assert bench.judge(slow.speed_interval, 0.9) == "fail", (seed, slow.speed_interval)
+        assert outcomes.judge(slow.speed_interval, 0.9) == "fail", (seed, slow.speed_interval)
         healthy = _compare(RatioMeter(_lognormal(1.0, 0.20, 60, seed)), policy, limit=0.9)
-        assert bench.judge(healthy.speed_interval, 0.9) != "fail", (seed, healthy.speed_interval)
+        assert outcomes.judge(healthy.speed_interval, 0.9) != "fail", (seed, healthy.speed_interval)
 
 
 def test_cpu_peak_is_the_allocators_peak_of_live_bytes() -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from faults_budget import PLANT
 
-from conformance import gating
+from conformance.reporting import gating
 
 TESTS_DIR = Path(__file__).resolve().parent
 ROOT = TESTS_DIR.parent

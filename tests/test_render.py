@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from conformance import render
+from conformance.reporting import render
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -79,11 +79,11 @@ def test_html_is_self_contained_with_reasons_on_hover_and_plots() -> None:
 
 def test_cli_writes_both_pages_and_refuses_a_missing_report(tmp_path: Path) -> None:
     (tmp_path / "report.json").write_text(json.dumps(report()))
-    done = subprocess.run([sys.executable, "-m", "conformance.render", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "conformance.reporting.render", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "report.md").is_file() and (tmp_path / "report.html").is_file()
-    missing = subprocess.run([sys.executable, "-m", "conformance.render", str(tmp_path / "nope")],
+    missing = subprocess.run([sys.executable, "-m", "conformance.reporting.render", str(tmp_path / "nope")],
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "no report.json there" in missing.stderr
     assert "Traceback" not in missing.stderr

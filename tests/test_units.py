@@ -168,7 +168,7 @@ def test_zoo_errors_are_one_line() -> None:
 
 
 def test_expectation_patterns_match_fragments_and_globs(tmp_path: Path) -> None:
-    from conformance.expectations import matches, parse
+    from conformance.reporting.expectations import matches, parse
 
     file = tmp_path / "x.txt"
     file.write_text("# reason one\ntest_logits[falcon-bnb_\n"

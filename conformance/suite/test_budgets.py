@@ -1,15 +1,15 @@
 """Speed and memory budgets (C05; the memory promise of C10/C11): measured against eager on the
-hardware under test, judged against the budget files (conformance/budgets.py).
+hardware under test, judged against the budget files (conformance/measure/budgets.py).
 
 Run with ``-m budget`` (the shipped budgets) or ``--budgets FILE``; the quick run leaves them out.
 A budget for another hardware class is collected and skipped as not applicable. Every measured
 value, its limit and its verdict land in report.json; the human report plots the sweeps.
 
-A speed budget is judged by the confidence interval of the median ratio (conformance/bench.py):
+A speed budget is judged by the confidence interval of the median ratio (conformance/measure/bench.py):
 the check fails when an interval lies wholly beyond its budget, and when an interval still
 straddles its limit after the most rounds allowed (and nothing failed) the check is skipped with
 a reason starting "inconclusive:", which report.json records as the outcome "inconclusive"
-(conformance/report.py): neither a pass nor a failure.
+(conformance/reporting/report.py): neither a pass nor a failure.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from conformance import bench, budgets
-from conformance.budgets import Budget
 from conformance.checks import load_or_skip, run_proven
-from conformance.report import inconclusive
+from conformance.measure import bench, budgets
+from conformance.measure.budgets import Budget
+from conformance.outcomes import inconclusive
 from conformance.running import Loaded, ModelCache, load, model_inputs
 from conformance.strategies import BatchSpec
 from conformance.variants import REGISTRY

@@ -28,7 +28,7 @@ import pytest
 from conformance import compare, decoding, distributed, generation
 from conformance.cases import Case, Selection
 from conformance.checks import golden_outputs, load_or_fail, max_len, reference_noise
-from conformance.report import not_applicable
+from conformance.outcomes import not_applicable
 from conformance.running import LoadError, ModelCache, forward, load
 from conformance.strategies import pad_rows
 from conformance.variants import REFERENCE, REGISTRY

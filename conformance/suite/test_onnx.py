@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from conformance import onnx_runtime
 from conformance.cases import Case
 from conformance.checks import load_or_skip, run_proven
 from conformance.compat import parse_dtype
+from conformance.paths import onnx_runtime
 from conformance.running import Loaded, ModelCache
 from conformance.strategies import BatchSpec
 from conformance.variants import Variant

@@ -12,7 +12,7 @@ Figures from Hypothesis-driven checks are compared only when both runs drew the 
 A check that passed and is now skipped, or that did not run at all, is listed as a warning: the
 candidate lost coverage, which a release manager must see but which is not a wrong answer.
 
-Inconclusive is its own verdict, as in the budget checks (conformance/bench.py): a speed ratio
+Inconclusive is its own verdict, as in the budget checks (conformance/measure/bench.py): a speed ratio
 below its gating limit is a regression only when the median's confidence interval lies wholly
 below the limit; when the interval straddles it the row is "inconclusive", and so is a check
 that passed and is now inconclusive. Neither counts as a regression nor fails the run.
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from conformance import tolerances
-from conformance.bench import judge
+from conformance.outcomes import judge
 
 ERROR_FIGURES = ("err_over_bound", "max_abs_err", "rel_l2_err")
 BAD = ("failed", "error", "xfailed")

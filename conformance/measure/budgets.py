@@ -265,7 +265,7 @@ def requested(config: Any) -> bool:
 
 def applicability(budget: Budget, selection: Any) -> str | None:
     """A skip reason when this budget cannot be judged here, else None."""
-    from conformance.report import not_applicable
+    from conformance.outcomes import not_applicable
 
     here = hardware_class(selection.env)
     if here not in budget.hardware:
@@ -288,11 +288,12 @@ def applicability(budget: Budget, selection: Any) -> str | None:
 def judge_sweep(budget: Budget, sweep: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
     """(problems, figures): every limit at every judged length, with measured value and verdict.
 
-    A speed ratio is judged by its median's confidence interval (``bench.judge``): pass or fail
+    A speed ratio is judged by its median's confidence interval (``outcomes.judge``): pass or fail
     only when the interval lies wholly on one side of the limit; a straddling interval is
     *inconclusive*, listed in ``figures["inconclusive"]``, not in `problems`. Memory figures are
     exact (the allocator's own counts) and keep their plain comparison."""
-    from conformance.bench import FAIL, INCONCLUSIVE, PASS, judge, loglog_slope
+    from conformance.measure.bench import loglog_slope
+    from conformance.outcomes import FAIL, INCONCLUSIVE, PASS, judge
 
     limits, case = budget.limits, budget.case
     from conformance.cases import PAD_IDS
@@ -372,7 +373,7 @@ def footprint_bound(reference_model: Any, scheme: str) -> tuple[int, dict[str, A
     """
     import torch
 
-    from conformance.bench import footprint_bytes
+    from conformance.measure.bench import footprint_bytes
 
     head = reference_model.get_output_embeddings()
     linears = [m for m in reference_model.modules()

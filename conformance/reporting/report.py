@@ -21,27 +21,6 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 
-# A check that cannot exist on this device (a CUDA-only path on a CPU or a vendor's own
-# accelerator, a budget for another hardware class) is skipped with a reason starting with this
-# prefix; the report counts it as "not_applicable", apart from skips of checks that could run.
-NOT_APPLICABLE = "not applicable"
-
-
-def not_applicable(reason: str) -> str:
-    return reason if reason.startswith(NOT_APPLICABLE) else f"{NOT_APPLICABLE}: {reason}"
-
-
-INCONCLUSIVE = "inconclusive"
-
-
-def inconclusive(reason: str) -> str:
-    return reason if reason.startswith(INCONCLUSIVE) else f"{INCONCLUSIVE}: {reason}"
-
-
-def skip_outcome(reason: str) -> str:
-    if reason.startswith(NOT_APPLICABLE):
-        return "not_applicable"
-    return INCONCLUSIVE if reason.startswith(INCONCLUSIVE) else "skipped"
 
 
 @dataclass

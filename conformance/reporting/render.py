@@ -1,6 +1,6 @@
 """The human report: report.json rendered as a Markdown summary and a self-contained HTML page.
 
-    python -m conformance.render reports/current        # writes report.md and report.html there
+    python -m conformance.reporting.render reports/current        # writes report.md and report.html there
 
 The plugin renders both automatically next to report.json (``--conformance-report DIR``). The
 page holds the claims x variants matrix (hover a cell for the reasons of its skips and
@@ -511,12 +511,13 @@ def html_page(body: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m conformance.render", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m conformance.reporting.render",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("report", help="a report directory (holding report.json) or a report.json")
     args = parser.parse_args(argv)
     path = Path(args.report)
     if not (path / "report.json" if path.is_dir() else path).is_file():
-        print(f"conformance.render: {args.report}: no report.json there", file=sys.stderr)
+        print(f"conformance.reporting.render: {args.report}: no report.json there", file=sys.stderr)
         return 2
     for written in render_dir(path):
         print(written)

@@ -1,6 +1,6 @@
 """Count spurious failures over repeated runs of the unmodified variants (the false-alarm rate).
 
-    python -m conformance.false_alarms reports/false-alarms/current
+    python -m conformance.reporting.false_alarms reports/false-alarms/current
 
 Reads every `*/report.json` under the folder (one per run, each with its own Hypothesis seed)
 and prints, per check, how many runs failed and which tests; exits 1 if any did.

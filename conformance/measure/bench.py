@@ -39,6 +39,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from conformance.outcomes import INCONCLUSIVE, judge
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -123,20 +125,6 @@ def median_interval(values: list[float], confidence: float = 0.95) -> tuple[floa
     return ordered[k - 1], ordered[n - k]
 
 
-PASS, FAIL, INCONCLUSIVE = "pass", "fail", "inconclusive"
-
-
-def judge(interval: tuple[float, float], limit: float, at_least: bool = True) -> str:
-    """A three-way verdict: pass when the interval lies wholly within the budget (>= limit for
-    `at_least`, else <= limit), fail when wholly beyond it, inconclusive when it straddles."""
-    lo, hi = interval
-    if not at_least:
-        lo, hi, limit = -hi, -lo, -limit
-    if lo >= limit:
-        return PASS
-    if hi < limit:
-        return FAIL
-    return INCONCLUSIVE
 
 
 @dataclass
