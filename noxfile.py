@@ -111,7 +111,7 @@ def floor(session: nox.Session) -> None:
 @nox.session
 def latest(session: nox.Session) -> None:
     """The current stack's packages unpinned (newest releases): a watch, not CI. Its failures are
-    findings to triage (an expectation entry, a fix, or a finding in the README)."""
+    findings to triage (an expectation entry, a fix, or a finding in docs/findings.md)."""
     _stack(session, "current", locked=False)
 
 

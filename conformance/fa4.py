@@ -10,7 +10,7 @@ or eager fails, and so does one whose layers reach FA4 fewer times than it has l
 
 On a GPU the probe also records the names of the CUDA kernels the forward launched, through
 torch's profiler, so a run's report shows which launches are visible (the first H200 run
-answers what the dispatch mode and profiler see of FA4; README "GPU run").
+answers what the dispatch mode and profiler see of FA4; README "On a GPU runner").
 """
 
 from __future__ import annotations

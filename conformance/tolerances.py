@@ -9,7 +9,7 @@ same-dtype reference, plus a floor for the case where the reference happens to b
 
 Quantized variants change the weights, not the kernel, so their error is not kernel error:
 they get a bound on the normalized error ||variant - golden|| / ||golden|| over real tokens.
-The numbers come from measurement (see README, "How the tolerances were measured").
+The numbers come from measurement, written next to each (docs/tolerances.md says how we know they hold).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class QuantTolerance:
 # run-to-run spread): they compare two runs of the *same* variant that must agree, and their
 # difference is judged against the rounding error the plain same-dtype reference makes on the same
 # sequences (max|eager - golden|, "noise"): difference <= K * noise + floor, the same record.
-# See README "How the tolerances were measured".
+# See docs/checks.md, "Properties".
 KERNEL: dict[str, KernelTolerance] = {
     "fp32": KernelTolerance(k=2.0, floor_ulps=8.0),
     "bf16": KernelTolerance(k=2.0, floor_ulps=1.0),

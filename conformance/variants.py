@@ -565,7 +565,7 @@ REGISTRY: dict[str, Variant] = {
                    "path", KNOB_NEEDS, _bnb(load_in_8bit=True, llm_int8_threshold=0.0), "int8",
                    # encoders only: MiniLM is where switching the outlier path off measurably costs
                    # quality, and int8 cases are the suite's slowest (decoder figures measured once,
-                   # README "Quantization")
+                   # docs/checks.md "Quantization")
                    kinds=frozenset({"encoder"})),
         _quantized("bnb_int8_skip", "LLM.int8 with llm_int8_skip_modules: MLP input projections and "
                    "lm_head kept in the run dtype", KNOB_NEEDS,

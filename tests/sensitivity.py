@@ -7,7 +7,7 @@ For each model and dtype, the sdpa variant gets its first layer's output perturb
 eps * mean|x| * z, z a fixed standard-normal pattern (an additive error of relative size eps
 that the following norms cannot scale away), swept over eps, and is judged exactly as
 test_logits judges it, on fixed batches (no padding, right and left padding). A perturbation
-counts as caught when any batch fails. Prints a table; the README quotes it.
+counts as caught when any batch fails. Prints a table; docs/tolerances.md quotes it.
 """
 
 from __future__ import annotations
