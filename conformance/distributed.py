@@ -199,7 +199,7 @@ def group_result(spec: dict[str, Any], root: Path, world_size: int) -> GroupResu
                                 for r in range(world_size)]
                 result.outputs = torch.load(out / "outputs.pt", weights_only=False)
         else:
-            result = launch(spec, out, world_size)
+            result = launch(spec, out, world_size, timeout=spec.get("timeout", GROUP_TIMEOUT_S))
             done.write_text(json.dumps({"failure": result.failure, "seconds": result.seconds}))
     _RESULTS[key] = result
     return result
@@ -340,3 +340,26 @@ def plan_reason(model: Any, variant: Any) -> str | None:
     if dist.mode == "ep" and not getattr(model, "tp_plan", None):
         return f"{type(model).__name__} has no tp_plan: ep over 2 ranks needs tp_size=2"
     return None
+
+
+# what a refusal of a sharding must name (its cause), in one line
+LIMIT_REFUSAL_WORDS = ("tp_size", "tensor parallel", "divisib", "divide", "heads", "quantiz",
+                       "bitsandbytes", "not supported", "does not support")
+
+
+def limit_outcome(entry: dict[str, Any], logits: Any) -> tuple[str, str | None]:
+    """(what happened, failure or None) for one limit, from rank 0's entry and logits output:
+    refused at load in one line naming the cause (a pass), refused unclearly, failed after
+    loading, accepted and then crashed in the forward, or ran (then judged like any variant)."""
+    error = entry.get("error")
+    if error and entry.get("at_load"):
+        named = any(word in error.lower() for word in LIMIT_REFUSAL_WORDS)
+        if named and "\n" not in error:
+            return "refused at load", None
+        return "refused at load", f"refused at load, but not in one line naming the cause: {error!r}"
+    if error:
+        return "failed after loading", f"rank 0 failed after loading: {error}"
+    if logits is None or isinstance(logits, dict):
+        raised = logits["error"] if isinstance(logits, dict) else "no output written"
+        return "crashed", f"accepted at load (no refusal), then its forward raised on rank 0: {raised}"
+    return "ran", None

@@ -443,14 +443,19 @@ DIST_NEEDS = dict(packages={"transformers": ">=5.0", "torch": ">=2.5"},
 
 def _distributed(vid: str, summary: str, dist: Distributed, proof: Any, attn: str = "eager",
                  context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
-                 needs: Needs | None = None) -> Variant:
+                 needs: Needs | None = None, quantization: Callable[[Any], dict[str, Any]] | None = None,
+                 **record: Any) -> Variant:
+    """A model transformers shards over `dist.world_size` processes; `quantization` (a _bnb(...)
+    config) quantizes it too, and `record` keywords state where a record differs from its family."""
+    base = quantization or _attn(attn)
     return Variant(
-        vid, ("C12", "C14"), summary,
+        vid, summary=summary, distributed=dist,
         needs=needs or Needs(**DIST_NEEDS, predicate=(f"distributed_{dist.mode}",)),
-        load_kwargs=lambda dtype: {**dist.load_kwargs(), "attn_implementation": attn},
-        context=context, proof=_both(proof), kinds=DECODERS, distributed=dist,
+        load_kwargs=lambda dtype: {**dist.load_kwargs(), **base(dtype)},
+        context=context, proof=_both(proof), kinds=DECODERS,
         refusals=("has no `tp_plan`", "has no `ep_plan`", "has no `pp_plan`",
                   *(NO_SUCH_IMPLEMENTATION if attn != "eager" else ())),
+        **{"claims": ("C12", "C14"), **record},
     )
 
 
@@ -482,6 +487,28 @@ DISTRIBUTED_VARIANTS = [
     _distributed("pp2", "pipeline parallel over 2 ranks: DistributedConfig(pp_size=2), layers split evenly",
                  PP2, PP_PROOF),
 ]
+
+# Shardings transformers may not support (issue 19's bad input): each must run and give its own
+# bound's answer, with its path proven, or be refused at load in one line that names the cause.
+# Kept out of REGISTRY, where every distributed check would expand over them: the one check
+# test_distributed_limits runs each once, on the run's first decoder with a tp_plan.
+TP3 = Distributed("tp", {"tp_size": 3}, "tp_plan", world_size=3)
+TP_BNB_NEEDS = Needs(packages={**DIST_NEEDS["packages"], "bitsandbytes": ">=0.47"}, packages_on=BNB_ON_CPU,
+                     dtypes=DIST_NEEDS["dtypes"], where=CURRENT_STACK, dtype_note=DIST_NEEDS["dtype_note"],
+                     predicate=("distributed_tp",))
+SHARDING_LIMITS: dict[str, Variant] = {v.id: v for v in [
+    _distributed("tp3", "tensor parallel over 3 ranks, a world size that divides neither the zoo's 4 "
+                 "attention heads nor its KV heads", TP3, TP_PROOF),
+    _distributed("tp2+bnb_int8", "tensor parallel over 2 ranks of an LLM.int8 model (DistributedConfig "
+                 "with BitsAndBytesConfig(load_in_8bit=True))", TP2, AllProofs((TP_PROOF, BNB_PROOF)),
+                 needs=TP_BNB_NEEDS, quantization=_bnb(load_in_8bit=True), claims=("C10", "C12", "C14"),
+                 tolerance="int8", batch_dependent=LLM_INT8_BATCH_WIDE),
+    _distributed("tp2+bnb_nf4", "tensor parallel over 2 ranks of a 4-bit NormalFloat model "
+                 "(DistributedConfig with BitsAndBytesConfig(load_in_4bit=True))", TP2,
+                 AllProofs((TP_PROOF, BNB_PROOF)), needs=TP_BNB_NEEDS,
+                 quantization=_bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+                 claims=("C11", "C12", "C14"), tolerance="nf4", input_refusals=BNB_4BIT_CPU_SHAPES),
+]}
 
 
 REGISTRY: dict[str, Variant] = {

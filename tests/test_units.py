@@ -238,3 +238,24 @@ def test_golden_context_keeps_softmax_in_float64_and_restores_defaults() -> None
     assert inside.dtype == torch.float64
     assert torch.get_default_dtype() == torch.float32
     assert torch.nn.functional.softmax(x, dim=-1, dtype=torch.float32).dtype == torch.float32
+
+
+@pytest.mark.parametrize(("entry", "logits", "outcome", "fails"), [
+    ({"error": "tp3 failed llama in fp32: ValueError: tp_size 3 must divide 4 attention heads",
+      "at_load": True}, None, "refused at load", False),
+    ({"error": "tp3 failed llama in fp32: KeyError: 'model.layers.0'", "at_load": True}, None,
+     "refused at load", True),
+    ({"error": "RuntimeError: start (0) + length (3072) exceeds dimension size (192).",
+      "at_load": False}, None, "failed after loading", True),
+    ({}, {"error": "AttributeError: 'Tensor' object has no attribute 'CB'"}, "crashed", True),
+    ({}, torch.zeros(1, 2, 3), "ran", False),
+])
+def test_a_sharding_limit_is_refused_clearly_or_runs(entry: dict, logits: object, outcome: str,
+                                                     fails: bool) -> None:
+    """test_distributed_limits: a clear one-line refusal at load passes; an unclear one, a crash
+    after an accepted load, or a worker failure fails; a run goes on to the ordinary verdict."""
+    from conformance.distributed import limit_outcome
+
+    got, problem = limit_outcome(entry, logits)
+    assert got == outcome
+    assert (problem is not None) == fails

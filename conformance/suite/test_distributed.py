@@ -31,7 +31,7 @@ from conformance.checks import golden_outputs, load_or_fail, max_len, reference_
 from conformance.outcomes import not_applicable
 from conformance.running import LoadError, ModelCache, forward, load
 from conformance.strategies import pad_rows
-from conformance.variants import REFERENCE, REGISTRY
+from conformance.variants import REFERENCE, REGISTRY, SHARDING_LIMITS
 from conformance.zoo import ZooModel, auto_class, default_zoo, distributed_models, materialize
 
 DIST = {"distributed": True}
@@ -369,3 +369,89 @@ def test_distributed_save_load(case: Case, group: Any, model_cache: ModelCache,
                                               golden_outputs(model_cache, golden, batch), real, case.dtype)
     metrics.update(figures)
     assert problem is None, f"{case.id}: the sharded model's outputs before saving: {problem}"
+
+
+# --- shardings transformers may not support: they work, or are refused at load in one line ------
+
+LIMITS_TIMEOUT_S = 120.0  # a limit's group runs one tiny model: ~20 s; a hang must not cost 300
+
+
+def _limit_model(selection: Selection, root: Path) -> ZooModel | None:
+    """The run's first decoder that has a tp_plan here (the default zoo: gpt_neox, 4 heads)."""
+    for model in selection.models:
+        if model.kind == "decoder" and not model.unmet() and not distributed.plan_reason(
+                _empty_model(model, str(root / "zoo")), REGISTRY["tp2"]):
+            return model
+    return None
+
+
+def _limits_spec(selection: Selection, model: ZooModel, device: str, root: Path,
+                 world_size: int) -> dict[str, Any]:
+    """One launch per world size: every limit of that size this run can try, on `model`."""
+    entries = [{"model": dataclasses.asdict(model), "variant": v.id, "registered_by": ""}
+               for v in SHARDING_LIMITS.values() if v.distributed.world_size == world_size
+               and not v.needs.unmet(selection.env, "fp32")]
+    return {"dtype": "fp32", "device": device, "backend": "nccl" if device.startswith("cuda") else "gloo",
+            "workdir": str(root / "zoo"), "timeout": LIMITS_TIMEOUT_S, "entries": entries, "limits": True}
+
+
+@pytest.mark.C12
+@pytest.mark.C14
+@pytest.mark.parametrize("limit", list(SHARDING_LIMITS))
+def test_distributed_limits(limit: str, conformance_selection: Any, model_cache: ModelCache,
+                            distributed_root: Path, metrics: dict[str, Any]) -> None:
+    """A sharding transformers may not support (a world size that does not divide the heads; TP
+    over bitsandbytes layers) either runs, its path proven and its logits within the record's own
+    bound, or is refused at load in one line naming the cause. Accepting it at load and then
+    crashing, or answering wrongly, is a failure."""
+    variant = SHARDING_LIMITS[limit]
+    reason = variant.needs.unmet(conformance_selection.env, "fp32")
+    if reason:
+        pytest.skip(f"{limit}: {reason}")
+    world = variant.distributed.world_size
+    if model_cache.device.startswith("cuda"):
+        from conformance.gpus import gpu_count
+
+        if gpu_count() < world:
+            pytest.skip(not_applicable(f"{limit} needs {world} GPUs for nccl ranks (this run sees "
+                                       f"{gpu_count()})"))
+    model = _limit_model(conformance_selection, distributed_root)
+    if model is None:
+        pytest.skip(not_applicable(f"{limit}: no decoder of this run has a tp_plan here"))
+    case = Case(model, variant, "fp32", "right")
+    config = _empty_model(model, str(distributed_root / "zoo")).config
+    metrics.update(model=model.name, world_size=world, attention_heads=config.num_attention_heads,
+                   kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    spec = _limits_spec(conformance_selection, model, model_cache.device, distributed_root, world)
+    result = distributed.group_result(spec, distributed_root, world)
+    metrics["group_seconds"] = round(result.seconds, 2)
+    if result.failure:
+        pytest.fail(f"{limit} on {model.name}: the ranks failed ({spec['backend']}): {result.failure}",
+                    pytrace=False)
+    figures = result.entry(model.name, limit)[:world]
+    out = result.outputs.get(f"{model.name}/{limit}/logits/right")
+    ran, problem = distributed.limit_outcome(figures[0], out)
+    metrics["outcome"] = ran
+    if figures[0].get("error"):
+        metrics["message"] = figures[0]["error"]
+    assert problem is None, f"{limit} on {model.name}: {problem}"
+    if ran == "refused at load":
+        return
+    empty = _empty_model(model, str(distributed_root / "zoo"))
+    from conformance.probes import OpCounter
+
+    for rank, found in enumerate(figures):
+        counter = OpCounter()
+        counter.counts.update(found["ops"])
+        proof, _ = variant.proof_for("decoder").verdict(counter, empty)
+        assert proof is None, f"{limit} on {model.name}: rank {rank}: {proof}"
+    _, reference, golden = load_or_fail(model_cache, replace(case, variant=REGISTRY[REFERENCE]))
+    batch = distributed.LOGITS["right"]
+    expected = golden_outputs(model_cache, golden, batch)
+    plain = model_cache.outputs(reference, batch)
+    real = batch.mask().bool()
+    problem = compare.finiteness(out, plain, expected, real)
+    assert problem is None, f"{limit} on {model.name}: {problem}"
+    problem, found = compare.variant_verdict(variant, out, plain, expected, real, "fp32", "decoder")
+    metrics.update(found)
+    assert problem is None, f"{limit} on {model.name}: {problem}"
