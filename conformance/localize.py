@@ -10,6 +10,13 @@ of ulps of the point's scale). The first point out of bound is the divergence:
 
     first divergence: layer 1 self_attn (err 3.1e-01 vs bound 2.0e-05); layers 0 clean
 
+Two runs of one variant that must agree (batch invariance, packed rows, a fully padded row,
+determinism) are localized between themselves (``between``): both calls traced, each point's
+outputs on the same real tokens compared with the invariance bound at that point, in units of the
+plain reference's own rounding error there (its error against golden, capped at its envelope):
+
+    first divergence between the two runs: layer 0 the layer output (diff 3.1e-02 vs bound 4.0e-06)
+
 Hooks, not ``output_hidden_states``: an option under suspicion may be that very flag. Paths
 whose modules are replaced (BetterTransformer's fused layers, an ONNX graph) show what hooks
 still see; where no layer list is found the localization says so.
@@ -164,3 +171,67 @@ def localize(variant: Any, reference: Any, golden: Any, batch: Any, dtype: str,
         return {"text": f"localization failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
     return first_divergence(on_real(traced, mask) if traced is not None else None,
                             on_real(plain, mask) if plain is not None else None, gold, dtype)
+
+
+def between(first: dict[Point, Any] | None, second: dict[Point, Any] | None,
+            reference: dict[Point, Any] | None, golden: dict[Point, Any] | None,
+            dtype: str, exact: bool = False) -> dict[str, Any]:
+    """The first point where two runs of one variant ([N, H] each, the same real tokens in the
+    same order) part by more than the invariance bound there: K x the plain reference's rounding
+    error at that point (against golden, capped at its envelope) + floor (tolerances.KERNEL);
+    `exact`: by anything at all (determinism is bitwise)."""
+    from conformance import tolerances
+
+    if first is None or second is None or reference is None or golden is None:
+        return {"text": "localization unavailable: no layer list found in this model"}
+    points = sorted(set(first) & set(second) & set(reference) & set(golden),
+                    key=lambda p: (p[0], ORDER[p[1]]))
+    tol, unit = tolerances.kernel(dtype), compare.eps(dtype)
+    rows: list[dict[str, Any]] = []
+    for point in points:
+        a, b, r, g = first[point], second[point], reference[point], golden[point]
+        if not a.shape == b.shape == r.shape == g.shape:
+            continue
+        scale = float(g.abs().nan_to_num().max())
+        noise = min(float((r - g).abs().nan_to_num(float("inf")).max()),
+                    compare.reference_envelope(dtype, scale))
+        bound = 0.0 if exact else tol.bound(noise, unit, scale)
+        diff = float((a - b).abs().nan_to_num(float("inf")).max())
+        rows.append({"layer": point[0], "point": point[1], "diff": diff, "bound": bound})
+        if not diff <= bound:
+            clean = sorted({row["layer"] for row in rows if row["layer"] < point[0]})
+            before = f"layers {', '.join(map(str, clean))} clean" if clean else "no layer before it"
+            where = "the layer output" if point[1] == "output" else point[1]
+            return {"layer": point[0], "point": point[1], "diff": diff, "bound": bound,
+                    "text": f"first divergence between the two runs: layer {point[0]} {where} "
+                            f"(diff {diff:.2g} vs bound {bound:.2g}); {before}"}
+    if not rows:
+        return {"text": "localization unavailable: the hooked points of the two runs do not line up"}
+    return {"text": f"the two runs agree at every layer ({len(rows)} points): they part after the "
+                    "last layer (final norm, head, or the output's own computation)"}
+
+
+def two_runs(variant: Any, reference: Any, golden: Any, batch: Any, dtype: str,
+             run_first: Callable[[], Any], select_first: Callable[[Any], Any],
+             run_second: Callable[[], Any], select_second: Callable[[Any], Any],
+             exact: bool = False) -> dict[str, Any]:
+    """`between` for two calls of `variant` (Loaded): `select_*` maps a traced [B, W, H] output to
+    the [N, H] real tokens of `batch`'s rows in row order; the unit comes from the plain reference
+    (padded `batch`) and golden (each row alone) traced on the same rows."""
+    import torch
+
+    from conformance.running import call_model, plain_inputs
+
+    ids, mask = batch.materialize(variant.vocab_size, variant.pad_id)
+    try:
+        a, b = trace(variant.model, run_first), trace(variant.model, run_second)
+        plain = trace(reference.model, lambda: call_model(reference, plain_inputs(reference, ids, mask)))
+        rows = [ids[i][mask[i].bool()] for i in range(len(batch.lengths))]
+        gold = per_row(golden.model, rows, lambda row: lambda: call_model(
+            golden, plain_inputs(golden, row[None], torch.ones_like(row[None]))))
+        picked = [None if t is None else {point: select(x) for point, x in t.items()}
+                  for t, select in ((a, select_first), (b, select_second))]
+    except Exception as exc:  # the localization is a diagnosis: it never replaces the verdict
+        return {"text": f"localization failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+    return between(picked[0], picked[1], on_real(plain, mask) if plain is not None else None, gold,
+                   dtype, exact)

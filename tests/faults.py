@@ -278,9 +278,12 @@ _BY_ID = {fault.variant.id: fault for fault in FAULTS}
 PROPERTY_FAULTS: list[Fault] = [
     _again(_BY_ID["fault_mask_ignored_left"], "padding_invariance", "", "left-padded batch vs each",
            "attention ignores the padding mask, only for left-padded batches"),
-    _again(_BY_ID["fault_rows_mix"], "batch_invariance", "", "reordered among other neighbours",
+    # the localization between the two runs names the planted layer (its output: the hook's)
+    _again(_BY_ID["fault_rows_mix"], "batch_invariance", "",
+           "first divergence between the two runs: layer 0 the layer output",
            "rows of a batch leak into each other"),
-    _again(_BY_ID["fault_nondeterministic"], "determinism", "", "two runs of the same input differ",
+    _again(_BY_ID["fault_nondeterministic"], "determinism", "",
+           "first divergence between the two runs: layer 0 the layer output",
            "output carries run-to-run noise"),
     Fault(_fault("sdpa", "fault_ones_mask_not_causal", post_load=_ones_mask_not_causal),
           "sdpa", "llama", "fp32", "", "mask_equivalence", "no attention mask vs an all-ones mask",

@@ -259,3 +259,24 @@ def test_a_sharding_limit_is_refused_clearly_or_runs(entry: dict, logits: object
     got, problem = limit_outcome(entry, logits)
     assert got == outcome
     assert (problem is not None) == fails
+
+
+def test_two_runs_part_where_their_difference_first_leaves_the_bound() -> None:
+    """localize.between: the first point (in compute order) where two runs differ by more than K x
+    the reference's rounding error there + floor; with exact=True, by anything at all."""
+    from conformance import localize
+
+    golden = {(0, "self_attn"): torch.ones(4, 8, dtype=torch.float64),
+              (0, "output"): torch.ones(4, 8, dtype=torch.float64),
+              (1, "self_attn"): torch.ones(4, 8, dtype=torch.float64)}
+    reference = {p: t + 1e-6 for p, t in golden.items()}
+    first = {p: t.clone() for p, t in golden.items()}
+    second = {p: t.clone() for p, t in golden.items()}
+    second[(0, "output")] += 1e-9  # inside the bound (2 x 1e-6 + floor)
+    second[(1, "self_attn")] += 1e-2
+    found = localize.between(first, second, reference, golden, "fp32")
+    assert (found["layer"], found["point"]) == (1, "self_attn"), found
+    assert "layers 0 clean" in found["text"]
+    exact = localize.between(first, second, reference, golden, "fp32", exact=True)
+    assert (exact["layer"], exact["point"]) == (0, "output"), exact
+    assert "agree at every layer" in localize.between(first, first, reference, golden, "fp32")["text"]

@@ -67,6 +67,25 @@ def _located(cache: ModelCache, case: Case, batch: BatchSpec,
     return where
 
 
+def _between(cache: ModelCache, case: Case, batch: BatchSpec,
+             first: tuple[Callable[[], Any], Callable[[Any], Any]],
+             second: tuple[Callable[[], Any], Callable[[Any], Any]],
+             exact: bool = False) -> Callable[[], dict[str, Any]]:
+    """The localization of a failing two-run property: both calls (each with the map of a traced
+    [B, W, H] output to `batch`'s real tokens in row order) traced against each other."""
+    def where() -> dict[str, Any]:
+        variant, reference, golden = load_or_fail(cache, case)
+        return localize.two_runs(variant, reference, golden, batch, case.dtype, *first, *second,
+                                 exact=exact)
+    return where
+
+
+def _row_order(traced: Any) -> Any:
+    """Rows run one by one (or packed): their traced outputs, joined along the sequence, are the
+    real tokens in row order already."""
+    return traced[0]
+
+
 # cached decoding costs one forward per chunk: up to 33 covers the 32-wide kernel tile's boundary
 # and the zoo's sliding window (mistral: 32) on both sides, drawn as strategies.BOUNDARY_LENGTHS
 CACHE_MAX_LEN = 33
@@ -165,7 +184,12 @@ def test_batch_invariance(case: Case, model_cache: ModelCache, metrics: dict[str
         problem, figures = _verdict(
             case, got, compare.on_real(first, mask_first), noise, scale,
             "the same rows reordered among other neighbours")
-        _judge(metrics, batch, case, problem, figures)
+        _judge(metrics, batch, case, problem, figures, _between(
+            model_cache, case, batch,
+            (lambda: _padded_forward(variant, rows, side, batch.width),
+             lambda t: compare.on_real(t, mask_first)),
+            (lambda: _padded_forward(variant, others, side, batch.width),
+             lambda t: compare.on_real(t[: len(rows)].flip(0), mask_first))))
 
     check()
 
@@ -213,7 +237,9 @@ def test_packed_equivalence(case: Case, model_cache: ModelCache, metrics: dict[s
         problem, figures = _verdict(
             case, packed, _alone(variant, batch), noise, scale,
             "packed rows (position_ids restarting) vs each row alone")
-        _judge(metrics, batch, case, problem, figures)
+        _judge(metrics, batch, case, problem, figures, _between(
+            model_cache, case, batch, (lambda: decoding.packed(variant, rows), _row_order),
+            (lambda: forward_per_row(variant, batch), _row_order)))
 
     check()
 
@@ -317,12 +343,18 @@ def test_fully_padded_and_tiny(case: Case, model_cache: ModelCache, metrics: dic
         problem, figures = _verdict(
             case, compare.on_real(out, mask), _alone(variant, batch), noise, scale,
             f"batch with a fully padded row ({side}) vs each sequence alone")
-        _judge(metrics, batch, case, problem, figures)
+        with_pads = (lambda: _padded_forward(variant, with_empty, side, batch.width),
+                     lambda t: compare.on_real(t, mask))
+        _judge(metrics, batch, case, problem, figures, _between(
+            model_cache, case, batch, with_pads, (lambda: forward_per_row(variant, batch), _row_order)))
         filled = unrefused(variant, lambda: _padded_forward(variant, with_empty, side, batch.width, junk))
         problem, figures = _verdict(
             case, compare.on_real(filled, mask), compare.on_real(out, mask), noise, scale,
             "random tokens vs pad tokens under the mask")
-        _judge(metrics, batch, case, problem, figures)
+        _judge(metrics, batch, case, problem, figures, _between(
+            model_cache, case, batch,
+            (lambda: _padded_forward(variant, with_empty, side, batch.width, junk),
+             lambda t: compare.on_real(t, mask)), with_pads))
 
     check()
 
@@ -346,9 +378,15 @@ def test_determinism(case: Case, model_cache: ModelCache, metrics: dict[str, Any
         metrics["max_run_to_run_diff"] = max(spread, metrics.get("max_run_to_run_diff", 0.0))
         same = torch.equal(first.isnan(), second.isnan()) and torch.equal(
             first.nan_to_num(), second.nan_to_num())
-        assert same, (f"{case.id}: two runs of the same input differ "
-                      f"(max|run1 - run2| = {spread:.3g} on real tokens); every path under test is "
-                      "deterministic in its forward")
+        if not same and case.variant.kernel_class:  # where the runs first part, bitwise
+            again = (lambda: forward(variant, batch), lambda t: compare.on_real(t, batch.mask()))
+            metrics["first_divergence"] = found = _between(model_cache, case, batch, again, again,
+                                                           exact=True)()
+            spread_text = f"{spread:.3g} on real tokens; {found['text']}"
+        else:
+            spread_text = f"{spread:.3g} on real tokens"
+        assert same, (f"{case.id}: two runs of the same input differ (max|run1 - run2| = "
+                      f"{spread_text}); every path under test is deterministic in its forward")
 
     check()
 
