@@ -30,6 +30,10 @@ from typing import Any
 
 from conformance import compare
 
+# what a failure of a path judged by its quantization scheme says instead: per-layer kernel bounds
+# would name layer 0 for every such path (its error is expected at every layer, by design)
+NOT_LOCALIZED = ("no localization: a quantized path is judged on its output by its scheme's bound "
+                 "(its error is expected at every layer)")
 LAYER_LISTS = ("model.layers", "layers", "transformer.h", "h", "encoder.layer", "transformer.layer",
                "gpt_neox.layers", "model.decoder.layers", "decoder.layers", "layer")
 ATTENTION = re.compile(r"^(self_attn|attn|attention|self_attention)$")

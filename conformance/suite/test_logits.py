@@ -46,9 +46,10 @@ def test_logits(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) ->
         else:
             problem, figures = compare.variant_verdict(case.variant, out, plain, expected, real,
                                                        case.dtype, case.model.kind)
-            if problem is not None and case.variant.kernel_class:  # the first layer out of bound
-                figures["first_divergence"] = localize.localize(variant, reference, golden, batch,
-                                                                case.dtype)
+            if problem is not None:  # where it starts: the first layer out of its bound
+                figures["first_divergence"] = (
+                    localize.localize(variant, reference, golden, batch, case.dtype)
+                    if case.variant.kernel_class else {"text": localize.NOT_LOCALIZED})
                 problem = f"{problem}; {figures['first_divergence']['text']}"
         keep_worst(metrics, figures, batch)
         assert problem is None, f"{case.id}: {problem}"

@@ -50,8 +50,9 @@ def _judge(metrics: dict[str, Any], batch: BatchSpec, case: Case, problem: str |
     """Keep the worst figures; on a failure of a kernel-class variant, `where()` localizes it
     (conformance/localize.py) and the message names the first layer out of bound."""
     __tracebackhide__ = True
-    if problem is not None and where is not None and case.variant.kernel_class:
-        figures["first_divergence"] = found = where()
+    if problem is not None and where is not None:
+        figures["first_divergence"] = found = (where() if case.variant.kernel_class
+                                               else {"text": localize.NOT_LOCALIZED})
         problem = f"{problem}; {found['text']}"
     keep_worst(metrics, figures, batch)
     assert problem is None, f"{case.id}: {problem}"
