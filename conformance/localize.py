@@ -118,33 +118,46 @@ def per_row(model: Any, rows: list[Any],
     return {point: torch.cat(ts, dim=0) for point, ts in parts.items()}
 
 
+def _in_order(*traces: dict[Point, Any]) -> list[Point]:
+    """The points every trace has, in the order the model computes them."""
+    common = set(traces[0]).intersection(*traces[1:])
+    return sorted(common, key=lambda p: (p[0], ORDER[p[1]]))
+
+
+def _first_out(checked: list[tuple[Point, float, float]], head: str, measure: str) -> dict[str, Any] | None:
+    """The first (point, value, bound) whose value leaves its bound, with the message naming it
+    and the layers before it; None when every point is within."""
+    for index, (point, value, bound) in enumerate(checked):
+        if not value <= bound:
+            clean = sorted({p[0] for p, _, _ in checked[:index] if p[0] < point[0]})
+            before = f"layers {', '.join(map(str, clean))} clean" if clean else "no layer before it"
+            where = "the layer output" if point[1] == "output" else point[1]
+            return {"layer": point[0], "point": point[1], measure: value, "bound": bound,
+                    "text": f"{head}: layer {point[0]} {where} ({measure} {value:.2g} vs bound "
+                            f"{bound:.2g}); {before}"}
+    return None
+
+
 def first_divergence(variant: dict[Point, Any] | None, reference: dict[Point, Any] | None,
                      golden: dict[Point, Any] | None, dtype: str) -> dict[str, Any]:
     """The first point where the variant's error against golden leaves its kernel bound."""
     if variant is None or reference is None or golden is None:
         return {"text": "localization unavailable: no layer list found in this model"}
-    points = sorted(set(variant) & set(reference) & set(golden), key=lambda p: (p[0], ORDER[p[1]]))
-    rows: list[dict[str, Any]] = []
-    for point in points:
+    checked = []
+    for point in _in_order(variant, reference, golden):
         v, r, g = variant[point], reference[point], golden[point]
         if v.shape != g.shape or r.shape != g.shape:
             continue
         err = float((v - g).abs().nan_to_num(float("inf")).max())
         ref_err = float((r - g).abs().nan_to_num(float("inf")).max())
-        scale = float(g.abs().max())
-        bound = compare.kernel_bound(ref_err, scale, dtype)[0]
-        rows.append({"layer": point[0], "point": point[1], "err": err, "bound": bound})
-        if not err <= bound:
-            clean = sorted({row["layer"] for row in rows if row["layer"] < point[0]})
-            before = f"layers {', '.join(map(str, clean))} clean" if clean else "no layer before it"
-            where = "the layer output" if point[1] == "output" else point[1]
-            return {"layer": point[0], "point": point[1], "err": err, "bound": bound,
-                    "text": f"first divergence: layer {point[0]} {where} (err {err:.2g} vs bound "
-                            f"{bound:.2g}); {before}"}
-    if not rows:
+        checked.append((point, err, compare.kernel_bound(ref_err, float(g.abs().max()), dtype)[0]))
+        if not err <= checked[-1][2]:
+            break
+    if not checked:
         return {"text": "localization unavailable: the hooked points do not line up with golden"}
-    return {"text": f"every layer within its bound ({len(rows)} points): the difference starts "
-                    "after the last layer (final norm, head, or the output's own computation)"}
+    return _first_out(checked, "first divergence", "err") or {
+        "text": f"every layer within its bound ({len(checked)} points): the difference starts "
+                "after the last layer (final norm, head, or the output's own computation)"}
 
 
 def localize(variant: Any, reference: Any, golden: Any, batch: Any, dtype: str,
@@ -188,31 +201,24 @@ def between(first: dict[Point, Any] | None, second: dict[Point, Any] | None,
 
     if first is None or second is None or reference is None or golden is None:
         return {"text": "localization unavailable: no layer list found in this model"}
-    points = sorted(set(first) & set(second) & set(reference) & set(golden),
-                    key=lambda p: (p[0], ORDER[p[1]]))
     tol, unit = tolerances.kernel(dtype), compare.eps(dtype)
-    rows: list[dict[str, Any]] = []
-    for point in points:
+    checked = []
+    for point in _in_order(first, second, reference, golden):
         a, b, r, g = first[point], second[point], reference[point], golden[point]
         if not a.shape == b.shape == r.shape == g.shape:
             continue
         scale = float(g.abs().nan_to_num().max())
         noise = min(float((r - g).abs().nan_to_num(float("inf")).max()),
                     compare.reference_envelope(dtype, scale))
-        bound = 0.0 if exact else tol.bound(noise, unit, scale)
         diff = float((a - b).abs().nan_to_num(float("inf")).max())
-        rows.append({"layer": point[0], "point": point[1], "diff": diff, "bound": bound})
-        if not diff <= bound:
-            clean = sorted({row["layer"] for row in rows if row["layer"] < point[0]})
-            before = f"layers {', '.join(map(str, clean))} clean" if clean else "no layer before it"
-            where = "the layer output" if point[1] == "output" else point[1]
-            return {"layer": point[0], "point": point[1], "diff": diff, "bound": bound,
-                    "text": f"first divergence between the two runs: layer {point[0]} {where} "
-                            f"(diff {diff:.2g} vs bound {bound:.2g}); {before}"}
-    if not rows:
+        checked.append((point, diff, 0.0 if exact else tol.bound(noise, unit, scale)))
+        if not diff <= checked[-1][2]:
+            break
+    if not checked:
         return {"text": "localization unavailable: the hooked points of the two runs do not line up"}
-    return {"text": f"the two runs agree at every layer ({len(rows)} points): they part after the "
-                    "last layer (final norm, head, or the output's own computation)"}
+    return _first_out(checked, "first divergence between the two runs", "diff") or {
+        "text": f"the two runs agree at every layer ({len(checked)} points): they part after the "
+                "last layer (final norm, head, or the output's own computation)"}
 
 
 def two_runs(variant: Any, reference: Any, golden: Any, batch: Any, dtype: str,
