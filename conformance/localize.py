@@ -124,6 +124,21 @@ def _in_order(*traces: dict[Point, Any]) -> list[Point]:
     return sorted(common, key=lambda p: (p[0], ORDER[p[1]]))
 
 
+def _checked(traces: tuple[dict[Point, Any], ...],
+             measure: Callable[..., tuple[float, float]]) -> list[tuple[Point, float, float]]:
+    """(point, value, bound) in compute order, `measure` given each trace's tensor at the point
+    (points whose shapes differ skipped), up to and including the first value out of its bound."""
+    checked = []
+    for point in _in_order(*traces):
+        tensors = [t[point] for t in traces]
+        if any(t.shape != tensors[-1].shape for t in tensors):
+            continue
+        checked.append((point, *measure(*tensors)))
+        if not checked[-1][1] <= checked[-1][2]:
+            break
+    return checked
+
+
 def _first_out(checked: list[tuple[Point, float, float]], head: str, measure: str) -> dict[str, Any] | None:
     """The first (point, value, bound) whose value leaves its bound, with the message naming it
     and the layers before it; None when every point is within."""
@@ -138,21 +153,17 @@ def _first_out(checked: list[tuple[Point, float, float]], head: str, measure: st
     return None
 
 
+def _max_abs(a: Any, b: Any) -> float:
+    return float((a - b).abs().nan_to_num(float("inf")).max())
+
+
 def first_divergence(variant: dict[Point, Any] | None, reference: dict[Point, Any] | None,
                      golden: dict[Point, Any] | None, dtype: str) -> dict[str, Any]:
     """The first point where the variant's error against golden leaves its kernel bound."""
     if variant is None or reference is None or golden is None:
         return {"text": "localization unavailable: no layer list found in this model"}
-    checked = []
-    for point in _in_order(variant, reference, golden):
-        v, r, g = variant[point], reference[point], golden[point]
-        if v.shape != g.shape or r.shape != g.shape:
-            continue
-        err = float((v - g).abs().nan_to_num(float("inf")).max())
-        ref_err = float((r - g).abs().nan_to_num(float("inf")).max())
-        checked.append((point, err, compare.kernel_bound(ref_err, float(g.abs().max()), dtype)[0]))
-        if not err <= checked[-1][2]:
-            break
+    checked = _checked((variant, reference, golden), lambda v, r, g: (
+        _max_abs(v, g), compare.kernel_bound(_max_abs(r, g), float(g.abs().max()), dtype)[0]))
     if not checked:
         return {"text": "localization unavailable: the hooked points do not line up with golden"}
     return _first_out(checked, "first divergence", "err") or {
@@ -160,60 +171,62 @@ def first_divergence(variant: dict[Point, Any] | None, reference: dict[Point, An
                 "after the last layer (final norm, head, or the output's own computation)"}
 
 
-def localize(variant: Any, reference: Any, golden: Any, batch: Any, dtype: str,
-             run_variant: Callable[[], Any] | None = None) -> dict[str, Any]:
-    """The first divergence of `variant` (Loaded) on `batch`: its call (`run_variant`, default the
-    plain padded forward) traced against the golden run and the plain reference."""
+def _failed(exc: Exception) -> dict[str, Any]:
+    """A localization that raised: a diagnosis never replaces the verdict, so it says so."""
+    return {"text": f"localization failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+
+
+def _unit_traces(reference: Any, golden: Any, batch: Any, ids: Any, mask: Any) -> tuple[Any, Any]:
+    """The plain reference's trace on the padded batch and golden's on the same real tokens (each
+    row alone, or the padded batch itself where golden is not per row: checks.golden_per_row)."""
     import torch
 
     from conformance.checks import golden_per_row
     from conformance.running import call_model, plain_inputs
 
-    ids, mask = batch.materialize(variant.vocab_size, variant.pad_id)
-
     def padded(loaded: Any) -> Callable[[], Any]:
         return lambda: call_model(loaded, plain_inputs(loaded, ids, mask))
 
+    plain = trace(reference.model, padded(reference))
+    if golden_per_row(golden.zoo.kind, batch.padding):
+        rows = [ids[i][mask[i].bool()] for i in range(len(batch.lengths))]
+        gold = per_row(golden.model, rows, lambda row: lambda: call_model(
+            golden, plain_inputs(golden, row[None], torch.ones_like(row[None]))))
+    else:
+        whole = trace(golden.model, padded(golden))
+        gold = on_real(whole, mask) if whole is not None else None
+    return on_real(plain, mask) if plain is not None else None, gold
+
+
+def localize(variant: Any, reference: Any, golden: Any, batch: Any, dtype: str,
+             run_variant: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """The first divergence of `variant` (Loaded) on `batch`: its call (`run_variant`, default the
+    plain padded forward) traced against the golden run and the plain reference."""
+    from conformance.running import call_model, plain_inputs
+
+    ids, mask = batch.materialize(variant.vocab_size, variant.pad_id)
     try:
-        traced = trace(variant.model, run_variant or padded(variant))
-        plain = trace(reference.model, padded(reference))
-        if golden_per_row(golden.zoo.kind, batch.padding):
-            rows = [ids[i][mask[i].bool()] for i in range(len(batch.lengths))]
-            gold = per_row(golden.model, rows, lambda row: lambda: call_model(
-                golden, plain_inputs(golden, row[None], torch.ones_like(row[None]))))
-        else:
-            whole = trace(golden.model, padded(golden))
-            gold = on_real(whole, mask) if whole is not None else None
-    except Exception as exc:  # the localization is a diagnosis: it never replaces the verdict
-        return {"text": f"localization failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
-    return first_divergence(on_real(traced, mask) if traced is not None else None,
-                            on_real(plain, mask) if plain is not None else None, gold, dtype)
+        traced = trace(variant.model, run_variant or (
+            lambda: call_model(variant, plain_inputs(variant, ids, mask))))
+        plain, gold = _unit_traces(reference, golden, batch, ids, mask)
+    except Exception as exc:
+        return _failed(exc)
+    return first_divergence(on_real(traced, mask) if traced is not None else None, plain, gold, dtype)
 
 
 def between(first: dict[Point, Any] | None, second: dict[Point, Any] | None,
             reference: dict[Point, Any] | None, golden: dict[Point, Any] | None,
             dtype: str, exact: bool = False) -> dict[str, Any]:
     """The first point where two runs of one variant ([N, H] each, the same real tokens in the
-    same order) part by more than the invariance bound there: K x the plain reference's rounding
-    error at that point (against golden, capped at its envelope) + floor (tolerances.KERNEL);
-    `exact`: by anything at all (determinism is bitwise)."""
-    from conformance import tolerances
-
+    same order) part by more than the invariance bound there: the logits' formula
+    (compare.kernel_bound) with the plain reference's rounding error at that point (against
+    golden, capped at its envelope) as the unit; `exact`: by anything at all (determinism is
+    bitwise)."""
     if first is None or second is None or reference is None or golden is None:
         return {"text": "localization unavailable: no layer list found in this model"}
-    tol, unit = tolerances.kernel(dtype), compare.eps(dtype)
-    checked = []
-    for point in _in_order(first, second, reference, golden):
-        a, b, r, g = first[point], second[point], reference[point], golden[point]
-        if not a.shape == b.shape == r.shape == g.shape:
-            continue
-        scale = float(g.abs().nan_to_num().max())
-        noise = min(float((r - g).abs().nan_to_num(float("inf")).max()),
-                    compare.reference_envelope(dtype, scale))
-        diff = float((a - b).abs().nan_to_num(float("inf")).max())
-        checked.append((point, diff, 0.0 if exact else tol.bound(noise, unit, scale)))
-        if not diff <= checked[-1][2]:
-            break
+    checked = _checked((first, second, reference, golden), lambda a, b, r, g: (
+        _max_abs(a, b),
+        0.0 if exact else compare.kernel_bound(_max_abs(r, g), float(g.abs().nan_to_num().max()), dtype)[0]))
     if not checked:
         return {"text": "localization unavailable: the hooked points of the two runs do not line up"}
     return _first_out(checked, "first divergence between the two runs", "diff") or {
@@ -227,21 +240,14 @@ def two_runs(variant: Any, reference: Any, golden: Any, batch: Any, dtype: str,
              exact: bool = False) -> dict[str, Any]:
     """`between` for two calls of `variant` (Loaded): `select_*` maps a traced [B, W, H] output to
     the [N, H] real tokens of `batch`'s rows in row order; the unit comes from the plain reference
-    (padded `batch`) and golden (each row alone) traced on the same rows."""
-    import torch
-
-    from conformance.running import call_model, plain_inputs
-
+    and golden traced on the same rows (`_unit_traces`, as `localize` does)."""
     ids, mask = batch.materialize(variant.vocab_size, variant.pad_id)
     try:
-        a, b = trace(variant.model, run_first), trace(variant.model, run_second)
-        plain = trace(reference.model, lambda: call_model(reference, plain_inputs(reference, ids, mask)))
-        rows = [ids[i][mask[i].bool()] for i in range(len(batch.lengths))]
-        gold = per_row(golden.model, rows, lambda row: lambda: call_model(
-            golden, plain_inputs(golden, row[None], torch.ones_like(row[None]))))
-        picked = [None if t is None else {point: select(x) for point, x in t.items()}
-                  for t, select in ((a, select_first), (b, select_second))]
-    except Exception as exc:  # the localization is a diagnosis: it never replaces the verdict
-        return {"text": f"localization failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
-    return between(picked[0], picked[1], on_real(plain, mask) if plain is not None else None, gold,
-                   dtype, exact)
+        picked = []
+        for run, select in ((run_first, select_first), (run_second, select_second)):
+            traced = trace(variant.model, run)
+            picked.append(None if traced is None else {p: select(x) for p, x in traced.items()})
+        plain, gold = _unit_traces(reference, golden, batch, ids, mask)
+    except Exception as exc:
+        return _failed(exc)
+    return between(picked[0], picked[1], plain, gold, dtype, exact)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from conformance import tolerances
 from conformance.claims import CLAIM_IDS
 from conformance.compat import eager_experts, force_sdpa_backend, legacy_sdp_kernel
 from conformance.fa4 import EntryProof
@@ -93,8 +94,6 @@ class Variant:
     def __post_init__(self) -> None:
         """A record's claims, tolerance rule and proofs are checked where it is declared, so a
         typo is an import error naming the record, not a silently unjudged variant."""
-        from conformance import tolerances
-
         unknown = [claim for claim in self.claims if claim not in CLAIM_IDS]
         if unknown:
             raise ValueError(f"variant {self.id!r}: unknown claim ids {unknown} (SPEC.md: {CLAIM_IDS})")

@@ -125,8 +125,6 @@ def median_interval(values: list[float], confidence: float = 0.95) -> tuple[floa
     return ordered[k - 1], ordered[n - k]
 
 
-
-
 @dataclass
 class Comparison:
     """One measured point: variant vs reference at one input shape."""

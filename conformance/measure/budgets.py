@@ -397,21 +397,21 @@ def judge_footprint(budget: Budget, footprint: int, reference: int, bound: int,
     verdicts, problems = [], []
     what = f"{case.variant.id} on {case.model.name} ({case.dtype})"
     quantized = f"{quantized_modules} of {detail['quantizable_linears']} linear layers quantized"
-    if "max_over_bound" in limits:
-        ok = over <= limits["max_over_bound"]
-        verdicts.append({"budget": "max_over_bound", "measured": over,
-                         "limit": limits["max_over_bound"], "verdict": "pass" if ok else "fail"})
+    # each limit: (measured, what its failure says before "> budget ...", and after it)
+    measured = {
+        "max_over_bound": (over, f"{what}: footprint {footprint} bytes is {over:.3g} x its computed "
+                                 f"bound {bound} bytes", f"({quantized})"),
+        "max_footprint_ratio": (ratio, f"{what}: footprint ratio vs {budget.reference} {ratio:.3g}",
+                                f"({footprint} vs {reference} bytes; {quantized})"),
+    }
+    for name, (value, head, tail) in measured.items():
+        if name not in limits:
+            continue
+        ok = value <= limits[name]
+        verdicts.append({"budget": name, "measured": value, "limit": limits[name],
+                         "verdict": "pass" if ok else "fail"})
         if not ok:
-            problems.append(f"{what}: footprint {footprint} bytes is {over:.3g} x its computed bound "
-                            f"{bound} bytes > budget {limits['max_over_bound']:g} ({quantized})")
-    if "max_footprint_ratio" in limits:
-        ok = ratio <= limits["max_footprint_ratio"]
-        verdicts.append({"budget": "max_footprint_ratio", "measured": ratio,
-                         "limit": limits["max_footprint_ratio"], "verdict": "pass" if ok else "fail"})
-        if not ok:
-            problems.append(f"{what}: footprint ratio vs {budget.reference} {ratio:.3g} > budget "
-                            f"{limits['max_footprint_ratio']:g} ({footprint} vs {reference} bytes; "
-                            f"{quantized})")
+            problems.append(f"{head} > budget {limits[name]:g} {tail}")
     figures = {"budget_file": budget.where, "hardware": list(budget.hardware),
                "reference": budget.reference, "limits": dict(limits), "footprint_bytes": footprint,
                "reference_footprint_bytes": reference, "footprint_over_bound": over,

@@ -89,9 +89,26 @@ def _spec(selection: Selection, dtype: str, device: str, root: Path,
             entries.append({"model": dataclasses.asdict(model), "variant": variant.id,
                             "registered_by": variant.distributed.registered_by})
             sizes.add(variant.distributed.world_size)
+    return _group_spec(entries, dtype, device, root), max(sizes or {2})
+
+
+def _group_spec(entries: list[dict[str, Any]], dtype: str, device: str, root: Path,
+                timeout: float = distributed.GROUP_TIMEOUT_S) -> dict[str, Any]:
+    """What one launch's ranks run: its entries, dtype, device and backend (gloo on CPU ranks,
+    nccl on GPUs), and the group's timeout."""
     backend = "nccl" if device.startswith("cuda") else "gloo"
-    return ({"dtype": dtype, "device": device, "backend": backend, "workdir": str(root / "zoo"),
-             "timeout": distributed.GROUP_TIMEOUT_S, "entries": entries}, max(sizes or {2}))
+    return {"dtype": dtype, "device": device, "backend": backend, "workdir": str(root / "zoo"),
+            "timeout": timeout, "entries": entries}
+
+
+def _skip_without_gpus(what: str, world: int, device: str) -> None:
+    """On a GPU run, nccl needs one GPU per rank: fewer is "not applicable", with the count."""
+    if device.startswith("cuda"):
+        from conformance.gpus import gpu_count
+
+        if gpu_count() < world:
+            pytest.skip(not_applicable(f"{what} needs {world} GPUs for nccl ranks (this run sees "
+                                       f"{gpu_count()})"))
 
 
 def _group(case: Case, cache: ModelCache, selection: Selection, root: Path,
@@ -102,12 +119,7 @@ def _group(case: Case, cache: ModelCache, selection: Selection, root: Path,
     reason = distributed.plan_reason(_empty_model(case.model, str(root / "zoo")), case.variant)
     if reason:
         pytest.skip(not_applicable(f"{case.variant.id} on {case.model.name}: {reason}"))
-    if cache.device.startswith("cuda"):
-        from conformance.gpus import gpu_count
-
-        if gpu_count() < dist.world_size:
-            pytest.skip(not_applicable(f"{case.variant.id} needs {dist.world_size} GPUs for nccl ranks "
-                                       f"(this run sees {gpu_count()})"))
+    _skip_without_gpus(case.variant.id, dist.world_size, cache.device)
     spec, world = _spec(selection, case.dtype, cache.device, root, pipeline=dist.mode == "pp")
     result = distributed.group_result(spec, root, world)
     metrics["group_seconds"] = round(result.seconds, 2)
@@ -151,11 +163,19 @@ def group(case: Case, model_cache: ModelCache, conformance_selection: Any, distr
     return lambda: _group(case, model_cache, conformance_selection, distributed_root, metrics)
 
 
+def _rank_proof(variant: Any, kind: str, found: dict[str, Any], empty: Any) -> str | None:
+    """The variant's proof judged on the ops one rank counted in its first forward."""
+    from conformance.probes import OpCounter
+
+    counter = OpCounter()
+    counter.counts.update(found["ops"])
+    return variant.proof_for(kind).verdict(counter, empty)[0]
+
+
 def placement_problems(case: Case, empty: Any, figures: list[dict[str, Any]],
                        metrics: dict[str, Any]) -> list[str]:
     """What each rank holds and runs against the plan, from first principles."""
     from conformance.compat import parse_dtype
-    from conformance.probes import OpCounter
 
     dist = case.variant.distributed
     import torch
@@ -200,9 +220,7 @@ def placement_problems(case: Case, empty: Any, figures: list[dict[str, Any]],
         if short:
             first.append(f"rank {rank}: the forward issued fewer collectives than the plan's "
                             f"modules need: {short} (counted, needed): a replicated model runs none")
-        counter = OpCounter()
-        counter.counts.update(found["ops"])
-        proof, _ = case.variant.proof_for(case.model.kind).verdict(counter, empty)
+        proof = _rank_proof(case.variant, case.model.kind, found, empty)
         if proof:
             problems.append(f"rank {rank}: {proof}")
     digests = [found.get("digest", {}) for found in figures]
@@ -229,17 +247,26 @@ def test_distributed_placement(case: Case, group: Any, model_cache: ModelCache,
 def test_distributed_logits(case: Case, group: Any, model_cache: ModelCache,
                             metrics: dict[str, Any]) -> None:
     result, _ = group()
-    _, reference, golden = load_or_fail(model_cache, replace(case, variant=REGISTRY[REFERENCE]))
-    batch = distributed.LOGITS[case.padding]
-    expected = golden_outputs(model_cache, golden, batch)
-    plain = model_cache.outputs(reference, batch)
     out = _out(result, case, f"logits/{case.padding}")
+    problem = _logits_problem(case, model_cache, out, metrics)
+    assert problem is None, f"{case.id}: {problem}"
+
+
+def _logits_problem(case: Case, cache: ModelCache, out: Any, metrics: dict[str, Any]) -> str | None:
+    """Rank 0's logits on the plan's batch for `case.padding` against golden, by the rule the
+    record declares (compare.variant_verdict); the figures go to `metrics`."""
+    _, reference, golden = load_or_fail(cache, replace(case, variant=REGISTRY[REFERENCE]))
+    batch = distributed.LOGITS[case.padding]
+    expected = golden_outputs(cache, golden, batch)
+    plain = cache.outputs(reference, batch)
     real = batch.mask().bool()
     problem = compare.finiteness(out, plain, expected, real)
-    assert problem is None, f"{case.id}: {problem}"
-    problem, figures = compare.kernel_verdict(out, plain, expected, real, case.dtype)
+    if problem is not None:
+        return problem
+    problem, figures = compare.variant_verdict(case.variant, out, plain, expected, real, case.dtype,
+                                               case.model.kind)
     metrics.update(figures)
-    assert problem is None, f"{case.id}: {problem}"
+    return problem
 
 
 def _noise(case: Case, cache: ModelCache) -> tuple[float, float]:
@@ -391,8 +418,7 @@ def _limits_spec(selection: Selection, model: ZooModel, device: str, root: Path,
     entries = [{"model": dataclasses.asdict(model), "variant": v.id, "registered_by": ""}
                for v in SHARDING_LIMITS.values() if v.distributed.world_size == world_size
                and not v.needs.unmet(selection.env, "fp32")]
-    return {"dtype": "fp32", "device": device, "backend": "nccl" if device.startswith("cuda") else "gloo",
-            "workdir": str(root / "zoo"), "timeout": LIMITS_TIMEOUT_S, "entries": entries, "limits": True}
+    return _group_spec(entries, "fp32", device, root, timeout=LIMITS_TIMEOUT_S)
 
 
 @pytest.mark.C12
@@ -409,17 +435,13 @@ def test_distributed_limits(limit: str, conformance_selection: Any, model_cache:
     if reason:
         pytest.skip(f"{limit}: {reason}")
     world = variant.distributed.world_size
-    if model_cache.device.startswith("cuda"):
-        from conformance.gpus import gpu_count
-
-        if gpu_count() < world:
-            pytest.skip(not_applicable(f"{limit} needs {world} GPUs for nccl ranks (this run sees "
-                                       f"{gpu_count()})"))
+    _skip_without_gpus(limit, world, model_cache.device)
     model = _limit_model(conformance_selection, distributed_root)
     if model is None:
         pytest.skip(not_applicable(f"{limit}: no decoder of this run has a tp_plan here"))
     case = Case(model, variant, "fp32", "right")
-    config = _empty_model(model, str(distributed_root / "zoo")).config
+    empty = _empty_model(model, str(distributed_root / "zoo"))
+    config = empty.config
     metrics.update(model=model.name, world_size=world, attention_heads=config.num_attention_heads,
                    kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     spec = _limits_spec(conformance_selection, model, model_cache.device, distributed_root, world)
@@ -437,21 +459,8 @@ def test_distributed_limits(limit: str, conformance_selection: Any, model_cache:
     assert problem is None, f"{limit} on {model.name}: {problem}"
     if ran == "refused at load":
         return
-    empty = _empty_model(model, str(distributed_root / "zoo"))
-    from conformance.probes import OpCounter
-
     for rank, found in enumerate(figures):
-        counter = OpCounter()
-        counter.counts.update(found["ops"])
-        proof, _ = variant.proof_for("decoder").verdict(counter, empty)
+        proof = _rank_proof(variant, "decoder", found, empty)
         assert proof is None, f"{limit} on {model.name}: rank {rank}: {proof}"
-    _, reference, golden = load_or_fail(model_cache, replace(case, variant=REGISTRY[REFERENCE]))
-    batch = distributed.LOGITS["right"]
-    expected = golden_outputs(model_cache, golden, batch)
-    plain = model_cache.outputs(reference, batch)
-    real = batch.mask().bool()
-    problem = compare.finiteness(out, plain, expected, real)
-    assert problem is None, f"{limit} on {model.name}: {problem}"
-    problem, found = compare.variant_verdict(variant, out, plain, expected, real, "fp32", "decoder")
-    metrics.update(found)
+    problem = _logits_problem(case, model_cache, out, metrics)
     assert problem is None, f"{limit} on {model.name}: {problem}"
