@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import pytest
 
 from conformance.cases import Case
-from conformance.compare import reference_envelope
+from conformance.compare import noise_unit
 from conformance.probes import OpCounter
 from conformance.running import Loaded, LoadError, ModelCache, forward
 from conformance.strategies import BatchSpec
@@ -194,4 +194,4 @@ def reference_noise(
     finite = gold.isfinite() & plain.isfinite()
     noise, scale = float((plain - gold).abs()[finite].max()), float(gold.abs()[finite].max())
     # capped at the reference's envelope: a broken plain path cannot inflate the noise unit
-    return min(noise, reference_envelope(reference.dtype, scale)), scale
+    return noise_unit(noise, scale, reference.dtype), scale

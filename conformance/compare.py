@@ -5,10 +5,27 @@ Every function returns (failure message or None, figures); messages say what dif
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any
 
 from conformance import tolerances
 from conformance.compat import parse_dtype
+
+# The dtype of the golden run the current check judges against: ModelCache.golden sets it, the
+# plugin resets it to float64 before every check. Where golden is no finer than the dtype judged (a
+# checkpoint too big for a float64 golden run, sizing.golden_choice), the reference's measured
+# error against it estimates nothing (two float32 eager runs agree to the bit), so the noise unit
+# is the reference's envelope itself (noise_unit).
+_GOLDEN_DTYPE: ContextVar[str] = ContextVar("golden_dtype", default="fp64")
+
+
+def judge_against(golden_dtype: str) -> None:
+    """The checks that follow compare with a golden run in `golden_dtype`."""
+    _GOLDEN_DTYPE.set(golden_dtype)
+
+
+def golden_dtype() -> str:
+    return _GOLDEN_DTYPE.get()
 
 
 def eps(dtype: str) -> float:
@@ -80,11 +97,21 @@ def reference_verdict(
     return None, figures
 
 
+def noise_unit(ref_err: float, scale: float, dtype: str) -> float:
+    """The plain reference's rounding error a bound is made of: its measured error against golden
+    capped at its envelope, so a broken plain path never widens a bound; the envelope itself where
+    golden is no finer than `dtype` (see _GOLDEN_DTYPE)."""
+    envelope = reference_envelope(dtype, scale)
+    if eps(golden_dtype()) >= eps(dtype):
+        return envelope
+    return min(ref_err, envelope)
+
+
 def kernel_bound(ref_err: float, scale: float, dtype: str) -> tuple[float, float, float]:
-    """(bound, reference error used, floor): K * min(ref_err, envelope) + floor_ulps * eps * scale,
-    the one formula every kernel-class verdict (logits, generation's near ties) applies."""
+    """(bound, reference error used, floor): K * noise_unit + floor_ulps * eps * scale, the one
+    formula every kernel-class verdict (logits, generation's near ties) applies."""
     tol = tolerances.kernel(dtype)
-    used = min(ref_err, reference_envelope(dtype, scale))
+    used = noise_unit(ref_err, scale, dtype)
     return tol.bound(used, eps(dtype), scale), used, tol.floor(eps(dtype), scale)
 
 
@@ -110,13 +137,15 @@ def kernel_verdict(
         "bound": bound,
         "err_over_bound": worst / bound if bound > 0 else float("inf"),
         "err_over_ref_err": worst / ref_err if ref_err > 0 else 0.0,
+        "ref_err_used": used,
         "golden_max_abs": scale,
         "k": tol.k,
         "floor": floor,
     }
     if worst > bound:
         flat = (variant - golden).abs().masked_fill(~real[..., None], 0).argmax()
-        capped = " (capped at its envelope)" if used < ref_err else ""
+        capped = (" (capped at its envelope)" if used < ref_err else
+                  f" (its envelope: the golden run is {golden_dtype()}, no finer)" if used > ref_err else "")
         return (
             f"max|variant - golden| = {worst:.3g} > bound {bound:.3g} "
             f"(= {tol.k} x reference error {used:.3g}{capped} + floor {floor:.3g}) "

@@ -62,6 +62,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "Default with -m budget: the shipped fixtures/budgets/*.toml")
     group.addoption("--baseline", default=None, metavar="OLD/report.json",
                     help="release gating: fail on regressions against this previous report")
+    group.addoption("--golden", default="auto", choices=("auto", "fp64", "device"),
+                    help="the golden run: eager float64 on the CPU (fp64), eager float32 on the "
+                         "device with TF32 off (device), or float64 where the model fits in half "
+                         "the available memory (auto, the default; conformance/sizing.py)")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -249,14 +253,15 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             f"conformance: expectation {entry.where} {entry.pattern!r} matched no test",
             yellow=True,
         )
-    from conformance.timing import counts_line
+    from conformance.timing import counts_line, golden_line
 
     spent = _time_totals(terminalreporter)
     if any(spent["counts"].values()):
         counts, split = spent["counts"], spent["time_split_s"]
         terminalreporter.write_line(
             f"conformance: {counts_line(counts)}; time: "
-            + ", ".join(f"{name.replace('_', ' ')} {seconds:.1f} s" for name, seconds in split.items()))
+            + ", ".join(f"{name.replace('_', ' ')} {seconds:.1f} s" for name, seconds in split.items())
+            + f"; golden runs: {golden_line(spent['golden'])}")
     skipped = terminalreporter.stats.get("skipped", [])
     inapplicable = [r for r in skipped if _outcome(r)[0] == "not_applicable"]
     if inapplicable:
@@ -301,11 +306,13 @@ def conformance_selection(request: pytest.FixtureRequest) -> Any:
 
 
 @pytest.fixture(scope="session")
-def model_cache(conformance_selection: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def model_cache(conformance_selection: Any, tmp_path_factory: pytest.TempPathFactory,
+                request: pytest.FixtureRequest) -> Any:
     """Every model loads once per session; zoo configs are materialized into a temp dir."""
     from conformance.running import ModelCache
 
-    return ModelCache(tmp_path_factory.mktemp("zoo"), conformance_selection.env.device)
+    return ModelCache(tmp_path_factory.mktemp("zoo"), conformance_selection.env.device,
+                      golden=request.config.getoption("golden"))
 
 
 @pytest.fixture
@@ -339,9 +346,11 @@ def _info(item: pytest.Item) -> dict[str, Any]:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if asked(item.config):
         _info(item)
+        from conformance.compare import judge_against
         from conformance.timing import open_ledger
 
         open_ledger()  # where this check's time goes (conformance/timing.py)
+        judge_against("fp64")  # until the check asks for its golden run (compare._GOLDEN_DTYPE)
 
 
 @pytest.hookimpl(tryfirst=True)

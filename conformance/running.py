@@ -10,10 +10,11 @@ from typing import Any
 from conformance.checkpoints import checkpoint_problem
 from conformance.compat import dtype_kwarg, parse_dtype
 from conformance.probes import OpCounter
+from conformance.sizing import GoldenChoice, available_memory, golden_choice, parameter_count
 from conformance.strategies import BatchSpec
 from conformance.timing import cache_load
 from conformance.variants import Variant
-from conformance.zoo import ZooModel, auto_class, materialize
+from conformance.zoo import ZooModel, auto_class, local_dir, materialize
 
 
 class LoadError(Exception):
@@ -153,12 +154,14 @@ class ModelCache:
 
     KEEP_VARIANTS = 2  # the variant under test and the one before it
 
-    def __init__(self, workdir: Path, device: str) -> None:
+    def __init__(self, workdir: Path, device: str, golden: str = "auto") -> None:
         self.workdir = workdir
         self.device = device
+        self.golden_mode = golden  # "auto" (sizing.golden_choice), "fp64" or "device" (--golden)
         self._loaded: dict[tuple[str, str, str, str], Loaded | LoadError] = {}
         self._current_model: str | None = None
         self._outputs: dict[tuple[Any, ...], Any] = {}
+        self._golden_choices: dict[str, GoldenChoice] = {}
 
     def get(self, zoo_model: ZooModel, variant: Variant, dtype: str, device: str | None = None) -> Loaded:
         """The loaded variant; a failed load is remembered and re-raised, not retried."""
@@ -196,13 +199,33 @@ class ModelCache:
         return self._outputs[key]
 
     def golden(self, zoo_model: ZooModel, dtype: str) -> Loaded:
-        """The golden run's model: eager in float64 on CPU; for half dtypes on a GPU, eager in
-        float32 on that GPU with TF32 off (variants.GOLDEN_DEVICE)."""
+        """The golden run's model: eager in float64 on CPU where the model fits
+        (sizing.golden_choice); otherwise, and for half dtypes on a GPU, eager in float32 on the
+        run's device with TF32 off (variants.GOLDEN_DEVICE). The check's record names it."""
+        from conformance.compare import judge_against
+        from conformance.timing import golden_used
         from conformance.variants import GOLDEN, GOLDEN_DEVICE
 
-        if self.device != "cpu" and dtype in ("fp16", "bf16"):
-            return self.get(zoo_model, GOLDEN_DEVICE, "fp32")
-        return self.get(zoo_model, GOLDEN, "fp64", device="cpu")
+        if (self.device != "cpu" and dtype in ("fp16", "bf16")) or not self.golden_choice(zoo_model).fp64:
+            found = self.get(zoo_model, GOLDEN_DEVICE, "fp32")
+        else:
+            found = self.get(zoo_model, GOLDEN, "fp64", device="cpu")
+        golden_used(f"eager {found.dtype} on {found.device}")
+        judge_against(found.dtype)
+        return found
+
+    def golden_choice(self, zoo_model: ZooModel) -> GoldenChoice:
+        """Whether `zoo_model`'s golden run can be float64, decided once per run from its size
+        and the memory available then, so that one run never mixes goldens for a model."""
+        if zoo_model.name not in self._golden_choices:
+            if self.golden_mode != "auto":
+                choice = GoldenChoice(self.golden_mode == "fp64", None, 0, f"--golden {self.golden_mode}")
+            else:
+                directory = local_dir(zoo_model, self.workdir)
+                parameters = parameter_count(directory) if directory is not None else None
+                choice = golden_choice(parameters, available_memory())
+            self._golden_choices[zoo_model.name] = choice
+        return self._golden_choices[zoo_model.name]
 
 
 def forward_per_row(loaded: Loaded, batch: BatchSpec) -> Any:

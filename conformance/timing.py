@@ -29,6 +29,7 @@ class Ledger:
         self.counts: Counter[str] = Counter()
         self.active: str | None = None
         self.cache_keys: list[str] = []
+        self.goldens: set[str] = set()
 
     def snapshot(self) -> dict[str, Any]:
         total = time.perf_counter() - self.started
@@ -37,6 +38,8 @@ class Ledger:
         found = {"time_split_s": split, "counts": {name: self.counts[name] for name in COUNTS}}
         if self.cache_keys:
             found["cache_loaded"] = list(self.cache_keys)
+        if self.goldens:
+            found["golden"] = sorted(self.goldens)
         return found
 
 
@@ -58,6 +61,13 @@ def cache_load(key: str) -> None:
     if ledger is not None:
         ledger.counts["cache_loads"] += 1
         ledger.cache_keys.append(key)
+
+
+def golden_used(which: str) -> None:
+    """The check judges against this golden run ("eager fp64 on cpu", sizing.golden_choice)."""
+    ledger = _LEDGER["current"]
+    if ledger is not None:
+        ledger.goldens.add(which)
 
 
 @contextmanager
@@ -97,15 +107,18 @@ def totals(records: list[dict[str, Any]]) -> dict[str, Any]:
     split: Counter[str] = Counter()
     counts: Counter[str] = Counter()
     keys: Counter[str] = Counter()
+    goldens: Counter[str] = Counter()
     for record in records:
         metrics = record.get("metrics", {})
         split.update(metrics.get("time_split_s", {}))
         counts.update(metrics.get("counts", {}))
         keys.update(metrics.get("cache_loaded", ()))
+        goldens.update(metrics.get("golden", ()))
     counts["cache_keys"] = len(keys)  # distinct (model, variant, dtype, device) the cache loaded
     counts["cache_reloads"] = sum(keys.values()) - len(keys)  # one key loaded again
     return {"time_split_s": {k: round(v, 2) for k, v in split.items()}, "counts": dict(counts),
-            "most_reloaded": [f"{key} x{n}" for key, n in keys.most_common(5) if n > 1]}
+            "most_reloaded": [f"{key} x{n}" for key, n in keys.most_common(5) if n > 1],
+            "golden": dict(goldens.most_common())}  # which golden run, in how many checks
 
 
 def counts_line(counts: dict[str, int]) -> str:
@@ -114,3 +127,8 @@ def counts_line(counts: dict[str, int]) -> str:
             f"of {counts.get('cache_keys', 0)} model/variant/dtype: "
             f"{counts.get('cache_reloads', 0)} reloads), {counts.get('forwards', 0)} forwards "
             f"({counts.get('golden_forwards', 0)} golden)")
+
+
+def golden_line(goldens: dict[str, int]) -> str:
+    """Which golden runs judged the checks (sizing.golden_choice), in words."""
+    return ", ".join(f"{which} ({n} checks)" for which, n in goldens.items()) or "none"

@@ -210,6 +210,16 @@ def materialize(model: ZooModel, workdir: Path) -> str:
     return str(out)
 
 
+def local_dir(model: ZooModel, workdir: Path) -> Path | None:
+    """The directory `model`'s weights are read from (a config entry is built there first), or
+    None for a hub id not in the local cache."""
+    source = materialize(model, workdir)
+    if Path(source).is_dir():
+        return Path(source)
+    cached = _hub_cached_config(source)
+    return Path(cached).parent if cached is not None else None
+
+
 def seeded_init(module: Any, std: float) -> None:
     """Weights that depend only on each parameter's name: the same model on every stack.
 

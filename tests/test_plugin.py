@@ -96,7 +96,28 @@ def test_user_checkpoint_replaces_zoo_and_writes_report(run_suite: Any, user_che
         assert record["outcome"] == "passed"
         assert record["metrics"]["max_abs_err"] <= record["metrics"]["bound"]
         assert record["metrics"]["proof_ops"], "the proof figures must be reported"
+        assert record["metrics"]["golden"] == ["eager fp64 on cpu"]  # a tiny model: float64 fits
     assert body["summary"]["by_claim"]["C08"] == {"passed": 3}
+    assert body["summary"]["golden"] == {"eager fp64 on cpu": 3}
+
+
+def test_golden_on_the_device_is_named_and_bounds_by_the_envelope(run_suite: Any, user_checkpoint: Path,
+                                                                   tmp_path: Path) -> None:
+    """A checkpoint too big for a float64 golden run (forced here: --golden device) is judged
+    against eager float32, every record says so, and the float32 rows' noise unit is the
+    reference's envelope (two float32 eager runs agree to the bit: no measured noise to use)."""
+    report = tmp_path / "report"
+    result = run_suite(*SUITE, "--model", str(user_checkpoint), "--variant", "sdpa",
+                       "--dtype", "fp32", "-k", "test_logits", "--golden", "device",
+                       "--conformance-report", str(report))
+    result.assert_outcomes(passed=3)
+    body = json.loads((report / "report.json").read_text())
+    assert body["summary"]["golden"] == {"eager fp32 on cpu": 3}
+    for record in body["results"]:
+        figures = record["metrics"]
+        assert figures["golden"] == ["eager fp32 on cpu"]
+        if record["variant"] == "sdpa":
+            assert figures["ref_err_used"] == pytest.approx(figures["ref_envelope"]), figures
 
 
 def test_header_prints_what_reproduces_the_run(run_suite: Any) -> None:

@@ -280,3 +280,40 @@ def test_two_runs_part_where_their_difference_first_leaves_the_bound() -> None:
     exact = localize.between(first, second, reference, golden, "fp32", exact=True)
     assert (exact["layer"], exact["point"]) == (0, "output"), exact
     assert "agree at every layer" in localize.between(first, first, reference, golden, "fp32")["text"]
+
+
+def test_golden_is_float64_only_where_it_fits_in_its_share_of_memory() -> None:
+    from conformance.sizing import GOLDEN_FP64_SHARE, golden_choice
+
+    available = 20 * 2**30
+    fits = int(GOLDEN_FP64_SHARE * available / 8)
+    assert golden_choice(fits, available).fp64
+    assert not golden_choice(fits + 1, available).fp64
+    assert "exceeds" in golden_choice(fits + 1, available).why
+    assert golden_choice(None, available).fp64  # nothing local to size: float64, and it says so
+
+
+def test_parameters_are_counted_from_headers_without_loading(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from conformance.sizing import parameter_count
+
+    assert parameter_count(tmp_path) is None
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x" * 100)
+    assert parameter_count(tmp_path) == 50  # no header: 16-bit storage assumed, an upper bound
+    save_file({"a": torch.zeros(3, 4), "b": torch.zeros(5, dtype=torch.bfloat16)},
+              str(tmp_path / "model.safetensors"))
+    assert parameter_count(tmp_path) == 17  # safetensors present: exact, the .bin ignored
+
+
+def test_noise_unit_is_the_envelope_where_golden_is_no_finer() -> None:
+    envelope = compare.reference_envelope("fp32", 2.0)
+    try:
+        compare.judge_against("fp64")
+        assert compare.noise_unit(0.0, 2.0, "fp32") == 0.0
+        assert compare.noise_unit(1.0, 2.0, "fp32") == envelope  # capped: a broken path
+        compare.judge_against("fp32")
+        assert compare.noise_unit(0.0, 2.0, "fp32") == envelope
+        assert compare.noise_unit(0.0, 2.0, "bf16") == 0.0  # float32 is finer than bf16
+    finally:
+        compare.judge_against("fp64")

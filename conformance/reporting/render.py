@@ -235,7 +235,7 @@ TIME_HEADS = ("loading", "golden", "reference", "variant", "proof counting", "re
 
 def time_rows(body: dict[str, Any], slowest: int = 10) -> tuple[str, list[list[str]]]:
     """The run's time split and counts as one line, and the slowest checks with their split."""
-    from conformance.timing import PHASES, counts_line
+    from conformance.timing import PHASES, counts_line, golden_line
 
     summary = body.get("summary", {})
     split, counts = summary.get("time_split_s") or {}, summary.get("counts") or {}
@@ -245,6 +245,7 @@ def time_rows(body: dict[str, Any], slowest: int = 10) -> tuple[str, list[list[s
     line = (f"{counts_line(counts)}. Check time {total:.1f} s: " + ", ".join(
                 f"{name.replace('_', ' ')} {split.get(name, 0.0):.1f} s ({split.get(name, 0.0) / total:.0%})"
                 for name in (*PHASES, "rest")))
+    line += f". Golden runs: {golden_line(summary.get('golden') or {})}"
     timed = [r for r in body.get("results", []) if r.get("metrics", {}).get("time_split_s")]
     timed.sort(key=lambda r: -r.get("duration_s", 0.0))
     rows = []

@@ -78,7 +78,7 @@ class Report:
         spent = totals([r.as_json() for r in self.records.values()])
         return {"by_claim": dict(sorted(by_claim.items())), "outcomes": dict(sorted(outcomes.items())),
                 "time_split_s": spent["time_split_s"], "counts": spent["counts"],
-                "most_reloaded": spent["most_reloaded"]}
+                "most_reloaded": spent["most_reloaded"], "golden": spent["golden"]}
 
 
 def _jsonable(value: Any) -> Any:
