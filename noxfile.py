@@ -8,7 +8,8 @@ Each stack installs from its lock (locks/<stack>.txt, exact versions), so that a
 passes any day; `nox -s latest` installs the newest releases unpinned and runs the same jobs
 (its new failures are findings to triage, not CI breakage); `nox -s lock` rewrites the locks.
 Release work: `nox -s replay` (real regressions, buggy vs fixed release), `nox -s sweep` (every
-transformers minor of the declared range), `nox -s bisect -- TEST_ID GOOD BAD`.
+transformers minor of the declared range), `nox -s bisect -- TEST_ID GOOD BAD`; `nox -s scale`
+(the suite on a 0.5 B checkpoint built at run time: wall time, time split, peak memory, loads).
 """
 
 from __future__ import annotations
@@ -113,6 +114,17 @@ def latest(session: nox.Session) -> None:
     """The current stack's packages unpinned (newest releases): a watch, not CI. Its failures are
     findings to triage (an expectation entry, a fix, or a finding in docs/findings.md)."""
     _stack(session, "current", locked=False)
+
+
+@nox.session
+def scale(session: nox.Session) -> None:
+    """The scale benchmark, not CI: a 0.5 B decoder built at run time, the suite run on it as a
+    user would (conformance/measure/scale.py); wall time, time split, peak RSS and loads in
+    reports/scale/scale.json. `nox -s scale -- PYTEST ARGS` replaces its selection."""
+    _install(session, "current")
+    session.run("python", "-m", "conformance.measure.scale", "--workdir",
+                os.environ.get("CONFORMANCE_SCALE_DIR", str(Path(session.create_tmp()) / "scale")),
+                "--out", "reports/scale", "--", *session.posargs, success_codes=[0, 1])
 
 
 @nox.session(venv_backend="virtualenv")

@@ -1,5 +1,6 @@
 """Hypothesis profiles: `dev` (quick, local), `ci` (derandomized, no deadline, no database),
-`nightly` (many examples, random seeds: the false-alarm measurement)."""
+`nightly` (many examples, random seeds: the false-alarm measurement), `scale` (two derandomized
+examples a check: the scale benchmark's real-sized checkpoint, conformance/measure/scale.py)."""
 
 from __future__ import annotations
 
@@ -18,5 +19,6 @@ def register() -> None:
     settings.register_profile("ci", parent=builtin_ci, max_examples=6,
                               deadline=None, database=None, derandomize=True,
                               suppress_health_check=SLOW_OK, print_blob=True)
+    settings.register_profile("scale", parent=settings.get_profile("ci"), max_examples=2)
     settings.register_profile("nightly", max_examples=60, deadline=None, derandomize=False,
                               suppress_health_check=SLOW_OK, print_blob=True)

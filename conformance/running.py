@@ -153,6 +153,7 @@ class ModelCache:
     """
 
     KEEP_VARIANTS = 2  # the variant under test and the one before it
+    OUTPUT_BYTES = 2 * 2**30  # memoized golden/reference outputs (the zoo's whole run stays under)
 
     def __init__(self, workdir: Path, device: str, golden: str = "auto") -> None:
         self.workdir = workdir
@@ -192,11 +193,26 @@ class ModelCache:
             del self._loaded[key]
 
     def outputs(self, loaded: Loaded, batch: BatchSpec, per_row: bool = False) -> Any:
-        """Forward of a reference or golden model, memoized: every variant compares to the same."""
+        """Forward of a reference or golden model, memoized: every variant compares to the same.
+        The memo holds at most OUTPUT_BYTES, least recently used out first: a real checkpoint's
+        logits are [batch, length, vocabulary] in float64 (132 MB for 4 x 129 tokens of a 32k
+        vocabulary), and a run draws hundreds of batches. A forward done again gives the same
+        bits (CPU golden and reference runs are deterministic), so eviction changes no verdict."""
         key = (loaded.zoo.name, loaded.variant.id, loaded.dtype, loaded.device, batch, per_row)
         if key not in self._outputs:
             self._outputs[key] = forward_per_row(loaded, batch) if per_row else forward(loaded, batch)
-        return self._outputs[key]
+            self._bound_outputs()
+        found = self._outputs[key] = self._outputs.pop(key)  # most recently used last
+        return found
+
+    def _bound_outputs(self) -> None:
+        sizes = {key: _nbytes(out) for key, out in self._outputs.items()}
+        total = sum(sizes.values())
+        for key in list(self._outputs)[:-1]:  # never the output just computed
+            if total <= self.OUTPUT_BYTES:
+                break
+            total -= sizes[key]
+            del self._outputs[key]
 
     def golden(self, zoo_model: ZooModel, dtype: str) -> Loaded:
         """The golden run's model: eager in float64 on CPU where the model fits
@@ -226,6 +242,17 @@ class ModelCache:
                 choice = golden_choice(parameters, available_memory())
             self._golden_choices[zoo_model.name] = choice
         return self._golden_choices[zoo_model.name]
+
+
+def _nbytes(output: Any) -> int:
+    """Bytes of a memoized output: a tensor, or a tuple/list/dict of them (a seq2seq pair)."""
+    if hasattr(output, "element_size") and hasattr(output, "numel"):
+        return int(output.element_size() * output.numel())
+    if isinstance(output, dict):
+        return sum(_nbytes(value) for value in output.values())
+    if isinstance(output, (tuple, list)):
+        return sum(_nbytes(value) for value in output)
+    return 0
 
 
 def forward_per_row(loaded: Loaded, batch: BatchSpec) -> Any:
