@@ -237,8 +237,11 @@ class ModelCache:
             if self.golden_mode != "auto":
                 choice = GoldenChoice(self.golden_mode == "fp64", None, 0, f"--golden {self.golden_mode}")
             else:
-                directory = local_dir(zoo_model, self.workdir)
-                parameters = parameter_count(directory) if directory is not None else None
+                try:
+                    directory = local_dir(zoo_model, self.workdir)
+                    parameters = parameter_count(directory) if directory is not None else None
+                except Exception:  # unbuildable or unreadable: its load says why, in one line
+                    parameters = None
                 choice = golden_choice(parameters, available_memory())
             self._golden_choices[zoo_model.name] = choice
         return self._golden_choices[zoo_model.name]
