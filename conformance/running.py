@@ -235,7 +235,7 @@ class ModelCache:
         and the memory available then, so that one run never mixes goldens for a model."""
         if zoo_model.name not in self._golden_choices:
             if self.golden_mode != "auto":
-                choice = GoldenChoice(self.golden_mode == "fp64", None, 0, f"--golden {self.golden_mode}")
+                choice = GoldenChoice(self.golden_mode == "fp64", f"--golden {self.golden_mode}")
             else:
                 try:
                     directory = local_dir(zoo_model, self.workdir)

@@ -23,9 +23,7 @@ UNREADABLE_BYTES_PER_PARAM = 2
 @dataclass(frozen=True)
 class GoldenChoice:
     fp64: bool  # eager float64 on the CPU, else eager float32 on the run's device
-    parameters: int | None  # None: no local weights to count (a config built at run time is counted)
-    available: int  # bytes of memory available when the choice was made
-    why: str
+    why: str  # the sizes the choice was made from, in words
 
 
 def parameter_count(directory: Path) -> int | None:
@@ -60,12 +58,11 @@ def available_memory() -> int:
 def golden_choice(parameters: int | None, available: int) -> GoldenChoice:
     """Float64 on the CPU when 8 bytes a parameter fit in GOLDEN_FP64_SHARE of `available`."""
     if parameters is None:
-        return GoldenChoice(True, None, available, "no local weights to size: float64 assumed")
+        return GoldenChoice(True, "no local weights to size: float64 assumed")
     need = FP64_BYTES * parameters
     allowed = GOLDEN_FP64_SHARE * available
     fits = need <= allowed
     verb = "fits in" if fits else "exceeds"
-    return GoldenChoice(fits, parameters, available,
-                        f"{parameters / 1e6:.1f} M parameters: float64 needs {need / 2**30:.2f} GiB, "
+    return GoldenChoice(fits, f"{parameters / 1e6:.1f} M parameters: float64 needs {need / 2**30:.2f} GiB, "
                         f"which {verb} {GOLDEN_FP64_SHARE:g} x the {available / 2**30:.1f} GiB "
                         "available")
