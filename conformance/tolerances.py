@@ -67,23 +67,28 @@ QUANT: dict[str, QuantTolerance] = {
 # in units of eps(dtype) x max|golden| on real tokens: max|reference - golden| may be at most this.
 # A variant's bound uses the reference error capped here (compare.kernel_verdict), and the
 # invariance properties' noise unit too, so a broken plain path never widens anyone's bound.
-# Measured: the eager rows of test_logits over the whole zoo (13 models), nopad/pad_right/pad_left,
-# dev profile, Hypothesis seeds 1 and 2 on the current stack (transformers 5.24) and seed 1 on the
-# legacy stack (4.48.3), CPU; the worst max|reference - golden| / (eps x max|golden|) seen was
-# fp32 36.0 ulps (current; legacy 29.8), bf16 14.4 (both). Envelope = 2 x the worst, rounded up.
+# Measured: the eager rows of test_logits over the whole zoo, nopad/pad_right/pad_left, dev
+# profile, Hypothesis seeds 1 and 2 on the current stack (transformers 5.24) and seed 1 on the
+# legacy stack (4.48.3), CPU. Re-measured 2026-12-02 once the golden run kept float64 throughout
+# (conformance/float64.py: its RMSNorm and RoPE no longer round to float32 as the fp32 reference
+# does, so the reference's own rounding there now counts): the worst max|reference - golden| /
+# (eps x max|golden|) seen was fp32 58.5 ulps (gemma2, current; legacy 50.5; 36.0 before),
+# bf16 14.4 (qwen2, both; unchanged). Envelope = 2 x the worst, rounded up.
 # fp16 runs on GPUs only and is not measured yet: bf16's multiple scaled by eps(bf16)/eps(fp16) is
 # too loose to mean anything, so fp16 takes 2 x bf16's count until a GPU run measures it.
-REFERENCE_ENVELOPE_ULPS: dict[str, float] = {"fp32": 80.0, "bf16": 32.0, "fp16": 32.0}
+REFERENCE_ENVELOPE_ULPS: dict[str, float] = {"fp32": 120.0, "bf16": 32.0, "fp16": 32.0}
 
 # Agreement in float64 (test_float64_agreement): each attention implementation the stack runs in
-# float64, on padded batches, against the golden run, in units of eps(fp64) x max|golden|.
-# Measured over the whole zoo, pad_right/pad_left, dev profile, seeds 1 and 2 (current) and 1
-# (legacy), CPU: sdpa, sdpa_math, sdpa_flash, sdp_kernel_flash and BetterTransformer (encoders)
-# agree with golden to 7.9 ulps at worst (bert). Eager itself asks its softmax for float32 even at
-# float64 (transformers' eager attention, llama-style models), so eager on a padded float64 batch
-# differs from the golden run (whose softmax stays float64) by up to 3.0e9 ulps (3.1e-6 on the
-# trained decoder): its own row. Envelope = 2 x the worst, rounded up.
-FLOAT64_AGREEMENT_ULPS: dict[str, float] = {"default": 16.0, "eager": 6.0e9}
+# float64, on padded batches, against the golden run, in units of eps(fp64) x max|golden|. Both
+# sides keep float64 float64 (conformance/float64.py: no float32 island in RMSNorm, RoPE or eager's
+# softmax; with the islands, a float32 rounding flip between a row alone and in a batch gave
+# 1.37e-07 = 3.5e8 ulps on tiny-llama-trained, legacy nightly seed 39596).
+# Measured 2026-12-02 on CPU: the whole zoo, pad_right/pad_left, dev profile, seeds 1 and 2 on
+# both stacks (transformers 5.24 and 4.48.3), and the nightly profile (60 examples) on
+# tiny-llama-trained and bert, seeds 1, 7920, 15839 (current). Worst: 15.3 ulps (sdpa_math,
+# tiny-llama-trained, nightly); eager on a padded batch 15.0, BetterTransformer 10.7 (roberta).
+# Envelope = 2 x the worst, rounded up; eager shares it now that its softmax stays in float64.
+FLOAT64_AGREEMENT_ULPS: dict[str, float] = {"default": 32.0}
 
 
 def reference_envelope_ulps(dtype: str) -> float:

@@ -676,27 +676,19 @@ REFERENCE = "eager"
 def _float64_throughout() -> Any:
     """The golden run's numerics: torch's default dtype is float64 while it runs (transformers'
     older mask builders allocate with the default dtype and overflow converting float64's minimum
-    otherwise: "value cannot be converted to type float without overflow"), and a softmax asked
-    for float32 on a float64 tensor stays in float64 (transformers' eager attention asks for
-    float32 at every dtype, which would put float32 rounding into the float64 judge)."""
+    otherwise: "value cannot be converted to type float without overflow"), and no float32 island
+    (eager's softmax asked for float32, RMSNorm's upcast, RoPE's ``.float()``): float64 tensors
+    stay float64 (conformance/float64.py), so no float32 rounding is in the float64 judge."""
     import torch
 
-    original = torch.nn.functional.softmax
-
-    def softmax(input: Any, dim: Any = None, _stacklevel: int = 3, dtype: Any = None) -> Any:
-        if dtype is not None and input.dtype == torch.float64 and dtype in (torch.float32,
-                                                                            torch.float16,
-                                                                            torch.bfloat16):
-            dtype = torch.float64
-        return original(input, dim=dim, _stacklevel=_stacklevel, dtype=dtype)
+    from conformance import float64
 
     before = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
-    torch.nn.functional.softmax = softmax
     try:
-        yield
+        with float64.kept():
+            yield
     finally:
-        torch.nn.functional.softmax = original
         torch.set_default_dtype(before)
 
 

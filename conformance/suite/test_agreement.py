@@ -4,7 +4,9 @@ Every attention implementation the stack can run in float64 on the device (eager
 batch, SDPA and each CPU backend forced, BetterTransformer where it takes float64) must give the
 golden run's answer on real tokens within a measured float64 envelope. There is no noise to hide
 in: a wrong mask, cache or option integration shows as 1e-1 against 1e-12, and the judge (eager,
-each row alone, unpadded) shares none of that integration.
+each row alone, unpadded) shares none of that integration. Both sides run with float64 kept
+float64 (conformance/float64.py): the float32 islands transformers writes for half precision
+(RMSNorm, RoPE, eager's softmax) would otherwise round differently for a row alone and in a batch.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import given, note, settings
 
-from conformance import compare, tolerances
+from conformance import compare, float64, tolerances
 from conformance.cases import Case
 from conformance.checks import (
     golden_outputs,
@@ -61,7 +63,8 @@ def test_float64_agreement(case: Case, model_cache: ModelCache, metrics: dict[st
         note(reproduction(case, batch, variant.device))
         expected = golden_outputs(model_cache, golden, batch)
         try:
-            out = run_proven(variant, batch, metrics)
+            with float64.kept():
+                out = run_proven(variant, batch, metrics)
         except RuntimeError as exc:
             marker = _refused_float64(exc)
             if marker is None:
