@@ -222,11 +222,15 @@ class ModelCache:
         from conformance.timing import golden_used
         from conformance.variants import GOLDEN, GOLDEN_DEVICE
 
-        if (self.device != "cpu" and dtype in ("fp16", "bf16")) or not self.golden_choice(zoo_model).fp64:
-            found = self.get(zoo_model, GOLDEN_DEVICE, "fp32")
+        if self.device != "cpu" and dtype in ("fp16", "bf16"):
+            found, why = self.get(zoo_model, GOLDEN_DEVICE, "fp32"), f"{dtype} on a GPU"
+        elif not (choice := self.golden_choice(zoo_model)).fp64:
+            found, why = self.get(zoo_model, GOLDEN_DEVICE, "fp32"), choice.why
         else:
-            found = self.get(zoo_model, GOLDEN, "fp64", device="cpu")
-        golden_used(f"eager {found.dtype} on {found.device}")
+            found, why = self.get(zoo_model, GOLDEN, "fp64", device="cpu"), ""
+        # the usual golden is named alone; any other says why it was chosen (sizing.golden_choice)
+        named = f"eager {found.dtype} on {found.device}"
+        golden_used(f"{named} ({zoo_model.name}: {why})" if why else named)
         judge_against(found.dtype)
         return found
 

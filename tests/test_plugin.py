@@ -104,7 +104,7 @@ def test_user_checkpoint_replaces_zoo_and_writes_report(run_suite: Any, user_che
 def test_golden_on_the_device_is_named_and_bounds_by_the_envelope(run_suite: Any, user_checkpoint: Path,
                                                                    tmp_path: Path) -> None:
     """A checkpoint too big for a float64 golden run (forced here: --golden device) is judged
-    against eager float32, every record says so, and the float32 rows' noise unit is the
+    against eager float32, every record says so and why, and the float32 rows' noise unit is the
     reference's envelope (two float32 eager runs agree to the bit: no measured noise to use)."""
     report = tmp_path / "report"
     result = run_suite(*SUITE, "--model", str(user_checkpoint), "--variant", "sdpa",
@@ -112,10 +112,12 @@ def test_golden_on_the_device_is_named_and_bounds_by_the_envelope(run_suite: Any
                        "--conformance-report", str(report))
     result.assert_outcomes(passed=3)
     body = json.loads((report / "report.json").read_text())
-    assert body["summary"]["golden"] == {"eager fp32 on cpu": 3}
+    (which,) = body["summary"]["golden"]  # a golden other than float64 says why it was chosen
+    assert which.startswith("eager fp32 on cpu (") and which.endswith(": --golden device)"), which
+    assert body["summary"]["golden"][which] == 3
     for record in body["results"]:
         figures = record["metrics"]
-        assert figures["golden"] == ["eager fp32 on cpu"]
+        assert figures["golden"] == [which]
         if record["variant"] == "sdpa":
             assert figures["ref_err_used"] == pytest.approx(figures["ref_envelope"]), figures
 
