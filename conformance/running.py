@@ -162,6 +162,7 @@ class ModelCache:
         self._loaded: dict[tuple[str, str, str, str], Loaded | LoadError] = {}
         self._current_model: str | None = None
         self._outputs: dict[tuple[Any, ...], Any] = {}
+        self._output_sizes: dict[tuple[Any, ...], int] = {}  # bytes of each memoized output
         self._golden_choices: dict[str, GoldenChoice] = {}
 
     def get(self, zoo_model: ZooModel, variant: Variant, dtype: str, device: str | None = None) -> Loaded:
@@ -170,6 +171,7 @@ class ModelCache:
         if zoo_model.name != self._current_model:
             self._loaded.clear()  # bounded memory for users' large checkpoints
             self._outputs.clear()
+            self._output_sizes.clear()
             self._current_model = zoo_model.name
         key = (zoo_model.name, variant.id, dtype, device)
         if key not in self._loaded:
@@ -200,18 +202,18 @@ class ModelCache:
         bits (CPU golden and reference runs are deterministic), so eviction changes no verdict."""
         key = (loaded.zoo.name, loaded.variant.id, loaded.dtype, loaded.device, batch, per_row)
         if key not in self._outputs:
-            self._outputs[key] = forward_per_row(loaded, batch) if per_row else forward(loaded, batch)
+            out = forward_per_row(loaded, batch) if per_row else forward(loaded, batch)
+            self._outputs[key], self._output_sizes[key] = out, _nbytes(out)
             self._bound_outputs()
         found = self._outputs[key] = self._outputs.pop(key)  # most recently used last
         return found
 
     def _bound_outputs(self) -> None:
-        sizes = {key: _nbytes(out) for key, out in self._outputs.items()}
-        total = sum(sizes.values())
+        total = sum(self._output_sizes.values())
         for key in list(self._outputs)[:-1]:  # never the output just computed
             if total <= self.OUTPUT_BYTES:
                 break
-            total -= sizes[key]
+            total -= self._output_sizes.pop(key)
             del self._outputs[key]
 
     def golden(self, zoo_model: ZooModel, dtype: str) -> Loaded:

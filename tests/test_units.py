@@ -348,3 +348,31 @@ def test_noise_unit_is_the_envelope_where_golden_is_no_finer() -> None:
         assert compare.noise_unit(0.0, 2.0, "bf16") == 0.0  # float32 is finer than bf16
     finally:
         compare.judge_against("fp64")
+
+
+def test_output_memo_is_bounded_least_recently_used_first(monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path) -> None:
+    """ModelCache.outputs holds at most OUTPUT_BYTES; the least recently used output goes first,
+    and one asked for again after eviction is computed again (the same bits on CPU)."""
+    from types import SimpleNamespace
+
+    from conformance import running
+
+    computed: list[str] = []
+
+    def forward(loaded: object, batch: str) -> torch.Tensor:
+        computed.append(batch)
+        return torch.zeros(256, dtype=torch.float64)  # 2 KiB
+
+    monkeypatch.setattr(running, "forward", forward)
+    cache = running.ModelCache(tmp_path, "cpu")
+    cache.OUTPUT_BYTES = 3 * 2048
+    loaded = SimpleNamespace(zoo=SimpleNamespace(name="m"), variant=SimpleNamespace(id="eager"),
+                             dtype="fp32", device="cpu")
+    for batch in ("a", "b", "c", "d", "b"):  # "a" leaves at "d"; "b" is then used again
+        cache.outputs(loaded, batch)
+    assert computed == ["a", "b", "c", "d"]
+    cache.outputs(loaded, "a")  # computed again; "c", now the least recently used, leaves
+    cache.outputs(loaded, "d")
+    cache.outputs(loaded, "c")
+    assert computed == ["a", "b", "c", "d", "a", "c"]
