@@ -79,7 +79,8 @@ def _stack(session: nox.Session, stack: str, locked: bool = True) -> None:
                     *EXPECTATIONS.get(stack, []), "--conformance-report", f"reports/{stack}", env=env)
     if "false-alarms" in jobs:  # nightly, not CI: unmodified variants, random seeds, 20 runs
         runs = int(os.environ.get("CONFORMANCE_RUNS", "20"))
-        for run in range(runs):
+        first = int(os.environ.get("CONFORMANCE_FIRST_RUN", "0"))  # resume a series cut short
+        for run in range(first, first + runs):
             session.run("pytest", "--pyargs", "conformance", "-q", "-p", "no:randomly", "-n", "auto",
                         "--hypothesis-profile", "nightly", "--hypothesis-seed", str(run * 7919 + 1),
                         *EXPECTATIONS.get(stack, []), *FALSE_ALARM_SELECTION,
