@@ -154,7 +154,11 @@ def run_proven(loaded: Loaded, batch: BatchSpec, metrics: dict[str, Any]) -> Any
     return out
 
 
-def reproduction(case: Case, batch: BatchSpec, device: str) -> str:
+def reproduction(case: Case, batch: BatchSpec, device: str, float64_kept: bool = False) -> str:
+    """Code that reruns the case's forward on `batch`; `float64_kept`: inside float64.kept(), as
+    test_float64_agreement runs it."""
+    run = ("from conformance import float64\nwith float64.kept():\n    print(running.forward(loaded, batch))"
+           if float64_kept else "print(running.forward(loaded, batch))")
     return (
         "Reproduce:\n"
         "from pathlib import Path\n"
@@ -163,7 +167,7 @@ def reproduction(case: Case, batch: BatchSpec, device: str) -> str:
         f"model = zoo.resolve({case.model.location!r}, zoo.default_zoo())\n"
         f"loaded = running.load(model, variants.REGISTRY[{case.variant.id!r}], {case.dtype!r}, "
         f"{device!r}, Path('/tmp/conformance-zoo'))\n"
-        "print(running.forward(loaded, batch))"
+        f"{run}"
     )
 
 

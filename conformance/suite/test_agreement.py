@@ -60,7 +60,7 @@ def test_float64_agreement(case: Case, model_cache: ModelCache, metrics: dict[st
     @fewer_examples()
     @given(batch=batch_specs(padding=case.padding, max_len=max_len(variant, cap=65)))
     def check(batch: BatchSpec) -> None:
-        note(reproduction(case, batch, variant.device))
+        note(reproduction(case, batch, variant.device, float64_kept=True))
         expected = golden_outputs(model_cache, golden, batch)
         try:
             with float64.kept():
