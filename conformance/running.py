@@ -10,6 +10,7 @@ from typing import Any
 from conformance.checkpoints import checkpoint_problem
 from conformance.compat import dtype_kwarg, parse_dtype
 from conformance.probes import OpCounter
+from conformance.sharing import SharedVersions, changed
 from conformance.sizing import GoldenChoice, available_memory, golden_choice, parameter_count
 from conformance.strategies import BatchSpec
 from conformance.timing import cache_load
@@ -32,6 +33,8 @@ class Loaded:
     variant: Variant
     dtype: str
     device: str
+    # built from the resident reference (conformance/sharing.py): its weights, their versions then
+    shared: SharedVersions = ()
     accepts_position_ids: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -75,16 +78,44 @@ def _load(zoo_model: ZooModel, variant: Variant, dtype: str, device: str, workdi
         if variant.post_load is not None:
             model = variant.post_load(model)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        refused = any(marker in str(exc) for marker in variant.refusals)
-        verb = "refuses" if refused else "failed"
-        detail = f"{type(exc).__name__}: {first[:300]}"
-        if not refused:  # a damaged checkpoint is named as such, not by the library's symptom
-            cause = checkpoint_problem(zoo_model, workdir)
-            detail = f"{cause} ({type(exc).__name__})" if cause else detail
-        message = f"{variant.id} {verb} {zoo_model.name} in {dtype}: {detail}"
-        raise LoadError(message, refused=refused) from exc
+        raise _load_error(zoo_model, variant, dtype, workdir, exc) from exc
     return Loaded(model, zoo_model, variant, dtype, device)
+
+
+def _load_error(zoo_model: ZooModel, variant: Variant, dtype: str, workdir: Path, exc: Exception) -> LoadError:
+    """One line naming model, variant and cause; the variant's documented refusals are a skip."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    refused = any(marker in str(exc) for marker in variant.refusals)
+    verb = "refuses" if refused else "failed"
+    detail = f"{type(exc).__name__}: {first[:300]}"
+    if not refused:  # a damaged checkpoint is named as such, not by the library's symptom
+        cause = checkpoint_problem(zoo_model, workdir)
+        detail = f"{cause} ({type(exc).__name__})" if cause else detail
+    return LoadError(f"{variant.id} {verb} {zoo_model.name} in {dtype}: {detail}", refused=refused)
+
+
+def built_from(reference: Loaded, variant: Variant, workdir: Path) -> Loaded | None:
+    """`variant` as a copy of the resident `reference` sharing its weights (conformance/sharing.py),
+    or None where it needs its own load: its kwargs say more than an attention implementation, it
+    has a post-load step or its own loader, or this transformers cannot switch the model."""
+    from conformance import sharing
+    from conformance.timing import count, spend
+
+    if variant.reference or variant.post_load is not None or variant.loader is not None \
+            or variant.place_with_device_map or variant.distributed is not None:
+        return None
+    implementation = sharing.attention_only(variant.load_kwargs(parse_dtype(reference.dtype)))
+    if implementation is None:
+        return None
+    with spend("loading"):
+        try:
+            model = sharing.switched_copy(reference.model, implementation)
+        except Exception as exc:
+            raise _load_error(reference.zoo, variant, reference.dtype, workdir, exc) from exc
+    if model is None:
+        return None
+    count(built=1)
+    return Loaded(model, reference.zoo, variant, reference.dtype, reference.device, sharing.versions(model))
 
 
 def model_inputs(loaded: Loaded, batch: BatchSpec) -> dict[str, Any]:
@@ -112,7 +143,14 @@ def call_model(loaded: Loaded, inputs: dict[str, Any], counter: OpCounter | None
 
     with forward_phase(loaded, counter is not None), torch.inference_mode(), loaded.variant.context(), \
             counter or contextlib.nullcontext():
-        return loaded.model(**inputs)
+        out = loaded.model(**inputs)
+    if loaded.shared and (written := changed(loaded.shared)) is not None:
+        import pytest
+
+        pytest.fail(f"{written}, a weight {loaded.variant.id} shares with the plain reference of "
+                    f"{loaded.zoo.name}, was written in place since it was built (conformance/"
+                    "sharing.py): the reference it is judged against has changed", pytrace=False)
+    return out
 
 
 def main_output(loaded: Loaded, out: Any) -> Any:
@@ -176,15 +214,32 @@ class ModelCache:
         key = (zoo_model.name, variant.id, dtype, device)
         if key not in self._loaded:
             self._evict_variants(keep=self.KEEP_VARIANTS - 1)
-            cache_load("/".join(key))
             try:
-                self._loaded[key] = load(zoo_model, variant, dtype, device, self.workdir)
+                built = self._from_reference(zoo_model, variant, dtype, device)
+                cache_load("/".join(key), from_disk=built is None)
+                self._loaded[key] = built or load(zoo_model, variant, dtype, device, self.workdir)
             except LoadError as exc:
                 self._loaded[key] = exc
         found = self._loaded[key] = self._loaded.pop(key)  # most recently used last
         if isinstance(found, LoadError):
             raise found
         return found
+
+    def _from_reference(self, zoo_model: ZooModel, variant: Variant, dtype: str, device: str) -> Loaded | None:
+        """`variant` built from the plain reference of the same model, dtype and device, sharing
+        its weights (`built_from`), or None where it needs its own load. A golden run is built so
+        only when that reference is resident already: a float64 golden never loads a float64
+        reference nobody asked for."""
+        from conformance.variants import REFERENCE, REGISTRY
+
+        if variant.reference or (variant.id.startswith("golden")
+                                 and (zoo_model.name, REFERENCE, dtype, device) not in self._loaded):
+            return None
+        try:
+            reference = self.get(zoo_model, REGISTRY[REFERENCE], dtype, device)
+        except LoadError:
+            return None  # the variant's own load says why it cannot load
+        return built_from(reference, variant, self.workdir)
 
     def _evict_variants(self, keep: int) -> None:
         """Forget all but the `keep` most recently loaded variants under test (golden runs and

@@ -18,8 +18,10 @@ from typing import Any
 
 PHASES = ("loading", "golden_forward", "reference_forward", "variant_forward", "proof_counting")
 # loads: every from_pretrained (fresh copies a check needs included); cache_loads: those the
-# model cache made, whose (model, variant, dtype) keys are kept to count reloads of one key
-COUNTS = ("loads", "cache_loads", "forwards", "golden_forwards")
+# model cache made, whose (model, variant, dtype) keys are kept to count reloads of one key;
+# built: variants the cache built from the resident reference, sharing its weights (no read
+# from disk: conformance/sharing.py), whose keys are kept too
+COUNTS = ("loads", "cache_loads", "built", "forwards", "golden_forwards")
 
 
 class Ledger:
@@ -55,11 +57,13 @@ def close_ledger() -> dict[str, Any] | None:
     return ledger.snapshot() if ledger is not None else None
 
 
-def cache_load(key: str) -> None:
-    """The model cache is loading `key` ("model/variant/dtype/device")."""
+def cache_load(key: str, from_disk: bool = True) -> None:
+    """The model cache is loading `key` ("model/variant/dtype/device"), or building it from the
+    resident reference (`from_disk` False: counted as built, by `built_from`)."""
     ledger = _LEDGER["current"]
     if ledger is not None:
-        ledger.counts["cache_loads"] += 1
+        if from_disk:
+            ledger.counts["cache_loads"] += 1
         ledger.cache_keys.append(key)
 
 
@@ -68,6 +72,13 @@ def golden_used(which: str) -> None:
     ledger = _LEDGER["current"]
     if ledger is not None:
         ledger.goldens.add(which)
+
+
+def count(**counts: int) -> None:
+    """Add `counts` to the ledger without charging time (what happened, once it did)."""
+    ledger = _LEDGER["current"]
+    if ledger is not None:
+        ledger.counts.update(counts)
 
 
 @contextmanager
@@ -125,7 +136,8 @@ def counts_line(counts: dict[str, int]) -> str:
     """The run's counts in words: the terminal summary and report.md/html say the same."""
     return (f"{counts.get('loads', 0)} loads ({counts.get('cache_loads', 0)} by the model cache, "
             f"of {counts.get('cache_keys', 0)} model/variant/dtype: "
-            f"{counts.get('cache_reloads', 0)} reloads), {counts.get('forwards', 0)} forwards "
+            f"{counts.get('cache_reloads', 0)} reloads), {counts.get('built', 0)} variants built "
+            f"from a resident reference, {counts.get('forwards', 0)} forwards "
             f"({counts.get('golden_forwards', 0)} golden)")
 
 

@@ -63,3 +63,39 @@ def test_model_cache_loads_each_key_once_and_bounds_variants(monkeypatch: pytest
     assert (counts["cache_loads"], counts["cache_keys"], counts["cache_reloads"]) == (5, 5, 0)
     cache.get(llama, REGISTRY["sdpa"], "fp32")  # evicted: asked again, it is a reload
     assert made[-1] == "sdpa"
+
+
+def test_attention_variants_share_the_resident_references_weights(tmp_path: Path) -> None:
+    """Where transformers can switch a model's attention (5.x), sdpa and its forced backends are
+    copies of the plain reference sharing its weights: no read from disk, no weight memory. Their
+    proofs still run; a write to a shared weight fails the forward. Elsewhere they load from disk."""
+    import torch
+
+    from conformance.zoo import default_zoo
+
+    llama = next(model for model in default_zoo() if model.name == "llama")
+    cache = running.ModelCache(tmp_path, "cpu")
+    timing.open_ledger()
+    reference = cache.get(llama, REGISTRY["eager"], "fp32")
+    sdpa = cache.get(llama, REGISTRY["sdpa_math"], "fp32")
+    counts = timing.close_ledger()["counts"]  # type: ignore[index]
+    weights = dict(reference.model.named_parameters())
+    switchable = hasattr(reference.model, "set_attn_implementation")
+    shared = [name for name, p in sdpa.model.named_parameters() if p is weights[name]]
+    assert sdpa.model is not reference.model
+    assert reference.model.config._attn_implementation == "eager"
+    assert sdpa.model.config._attn_implementation == "sdpa"
+    if not switchable:  # transformers 4.x: the variant is its own load
+        assert (counts["cache_loads"], counts["built"], shared, sdpa.shared) == (2, 0, [], ())
+        return
+    assert (counts["cache_loads"], counts["built"]) == (1, 1)
+    assert shared == list(weights) and sdpa.shared
+    ids, mask = torch.tensor([[3, 5, 7, 11]]), torch.ones(1, 4, dtype=torch.long)
+    plain = running.forward_ids(reference, ids, mask)
+    assert torch.allclose(running.forward_ids(sdpa, ids, mask), plain, atol=1e-5)
+    with torch.no_grad():
+        weights["model.norm.weight"].mul_(1.0)  # an in-place write, even one that changes no value
+    with pytest.raises(pytest.fail.Exception, match="model.norm.weight, a weight sdpa_math shares"):
+        running.forward_ids(sdpa, ids, mask)
+    buffers = dict(reference.model.named_buffers())
+    assert all(b is not buffers[name] for name, b in sdpa.model.named_buffers())  # a forward may write them
