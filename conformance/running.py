@@ -82,7 +82,8 @@ def _load(zoo_model: ZooModel, variant: Variant, dtype: str, device: str, workdi
     return Loaded(model, zoo_model, variant, dtype, device)
 
 
-def _load_error(zoo_model: ZooModel, variant: Variant, dtype: str, workdir: Path, exc: Exception) -> LoadError:
+def _load_error(zoo_model: ZooModel, variant: Variant, dtype: str, workdir: Path,
+                exc: Exception) -> LoadError:
     """One line naming model, variant and cause; the variant's documented refusals are a skip."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     refused = any(marker in str(exc) for marker in variant.refusals)
@@ -225,7 +226,8 @@ class ModelCache:
             raise found
         return found
 
-    def _from_reference(self, zoo_model: ZooModel, variant: Variant, dtype: str, device: str) -> Loaded | None:
+    def _from_reference(self, zoo_model: ZooModel, variant: Variant, dtype: str,
+                        device: str) -> Loaded | None:
         """`variant` built from the plain reference of the same model, dtype and device, sharing
         its weights (`built_from`), or None where it needs its own load. A golden run is built so
         only when that reference is resident already: a float64 golden never loads a float64
