@@ -203,24 +203,41 @@ class ModelCache:
         self._outputs: dict[tuple[Any, ...], Any] = {}
         self._output_sizes: dict[tuple[Any, ...], int] = {}  # bytes of each memoized output
         self._golden_choices: dict[str, GoldenChoice] = {}
+        self._built: set[tuple[str, str, str, str]] = set()  # keys built from the reference
 
-    def get(self, zoo_model: ZooModel, variant: Variant, dtype: str, device: str | None = None) -> Loaded:
-        """The loaded variant; a failed load is remembered and re-raised, not retried."""
+    def get(self, zoo_model: ZooModel, variant: Variant, dtype: str, device: str | None = None,
+            from_pretrained: bool = False) -> Loaded:
+        """The loaded variant; a failed load is remembered and re-raised, not retried.
+        `from_pretrained`: the check judges from_pretrained's own handling of the variant's
+        kwargs (a refusal), so the variant is never built from the resident reference."""
         device = device or self.device
         if zoo_model.name != self._current_model:
             self._loaded.clear()  # bounded memory for users' large checkpoints
             self._outputs.clear()
             self._output_sizes.clear()
+            self._built.clear()
             self._current_model = zoo_model.name
         key = (zoo_model.name, variant.id, dtype, device)
+        if from_pretrained and key in self._built:
+            del self._loaded[key]
+            self._built.discard(key)
         if key not in self._loaded:
             self._evict_variants(keep=self.KEEP_VARIANTS - 1)
-            try:
-                built = self._from_reference(zoo_model, variant, dtype, device)
-                cache_load("/".join(key), from_disk=built is None)
-                self._loaded[key] = built or load(zoo_model, variant, dtype, device, self.workdir)
-            except LoadError as exc:
-                self._loaded[key] = exc
+            found: Loaded | LoadError | None = None
+            if not from_pretrained:
+                try:
+                    found = self._from_reference(zoo_model, variant, dtype, device)
+                except LoadError as exc:  # the library refused the switch: as it refuses the load
+                    found = exc
+            if found is not None:
+                self._built.add(key)
+            cache_load("/".join(key), from_disk=found is None)
+            if found is None:
+                try:
+                    found = load(zoo_model, variant, dtype, device, self.workdir)
+                except LoadError as exc:
+                    found = exc
+            self._loaded[key] = found
         found = self._loaded[key] = self._loaded.pop(key)  # most recently used last
         if isinstance(found, LoadError):
             raise found
@@ -250,6 +267,7 @@ class ModelCache:
                       and not (found.variant.reference or found.variant.id.startswith("golden"))]
         for key in under_test[:max(0, len(under_test) - keep)]:
             del self._loaded[key]
+            self._built.discard(key)
 
     def outputs(self, loaded: Loaded, batch: BatchSpec, per_row: bool = False) -> Any:
         """Forward of a reference or golden model, memoized: every variant compares to the same.

@@ -99,3 +99,6 @@ def test_attention_variants_share_the_resident_references_weights(tmp_path: Path
         running.forward_ids(sdpa, ids, mask)
     buffers = dict(reference.model.named_buffers())
     assert all(b is not buffers[name] for name, b in sdpa.model.named_buffers())  # a forward may write them
+    fresh = cache.get(llama, REGISTRY["sdpa_math"], "fp32", from_pretrained=True)  # a refusal check's load
+    assert fresh is not sdpa and not fresh.shared
+    assert cache.get(llama, REGISTRY["sdpa_math"], "fp32") is fresh

@@ -55,7 +55,8 @@ def test_fa2_refuses_what_it_cannot_run(case: Case, model_cache: ModelCache, con
 
 def _refused_clearly(cache: ModelCache, case: Case, request: Any) -> tuple[str | None, dict[str, Any]]:
     try:
-        loaded = cache.get(case.model, request, case.dtype)
+        # from_pretrained's own refusal (C02), never a switch of the resident reference
+        loaded = cache.get(case.model, request, case.dtype, from_pretrained=True)
     except LoadError as exc:
         message = str(exc)
         if not any(word in message for word in FLASH_WORDS):
