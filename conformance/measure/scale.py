@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"scale: {figures['parameters'] / 1e6:.1f} M parameters ({figures['float32_bytes'] / gib:.2f} "
           f"GiB in float32); wall {figures['wall_s']} s; peak RSS {figures['peak_rss_bytes'] / gib:.2f} GiB "
           f"= {figures['peak_rss_over_float32']} x float32 (anonymous "
-          f"{figures['peak_anonymous_bytes'] / gib:.2f} GiB = {figures['peak_anonymous_over_float32']} x); counts {figures['counts']}; split "
+          f"{figures['peak_anonymous_bytes'] / gib:.2f} GiB = {figures['peak_anonymous_over_float32']} x); "
+          f"counts {figures['counts']}; split "
           f"{figures['time_split_s']}; golden {figures['golden']}; outcomes {figures['outcomes']}")
     return figures["exit_code"]
 
