@@ -37,7 +37,7 @@ def attention_only(load_kwargs: dict[str, Any]) -> str | None:
 
 
 def switched_copy(model: Any, implementation: str) -> Any | None:
-    """A copy of `model` sharing its parameters and buffers, with `implementation` set; None where
+    """A copy of `model` sharing its parameters (its buffers copied), with `implementation` set; None where
     this transformers cannot switch the model's attention (then the variant is loaded from disk).
     The library's refusal of the implementation (e.g. a model without SDPA) is raised as it is."""
     setter = getattr(model, "set_attn_implementation", None)
