@@ -36,6 +36,8 @@ class Loaded:
     # built from the resident reference (conformance/sharing.py): its weights, their versions then
     shared: SharedVersions = ()
     accepts_position_ids: bool = field(init=False)
+    # what its 4-bit layers' arithmetic keeps ("" without any), measured once (conformance/arithmetic.py)
+    kept_precision: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         params = inspect.signature(self.model.forward).parameters

@@ -376,3 +376,42 @@ def test_output_memo_is_bounded_least_recently_used_first(monkeypatch: pytest.Mo
     cache.outputs(loaded, "d")
     cache.outputs(loaded, "c")
     assert computed == ["a", "b", "c", "d", "a", "c"]
+
+
+class _RoundsTo(torch.nn.Linear):
+    """A linear layer whose arithmetic keeps `dtype` only (the way bitsandbytes' CPU kernel casts
+    to bfloat16 inside the op), holding float32 weights and returning float32."""
+
+    def __init__(self, dtype: torch.dtype | None) -> None:
+        super().__init__(16, 4)
+        self.rounding = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rounding is None:
+            return super().forward(x)
+        return super().forward(x.to(self.rounding).float())
+
+
+@pytest.mark.parametrize(("rounding", "kept"), [(None, "fp32"), (torch.float16, "fp16"),
+                                                (torch.bfloat16, "bf16"),
+                                                (torch.float8_e4m3fn, "below bf16")])
+def test_kept_precision_is_measured_from_the_arithmetic(rounding: torch.dtype | None, kept: str) -> None:
+    from conformance import arithmetic
+
+    assert arithmetic.kept_precision(_RoundsTo(rounding), 16) == kept
+    assert arithmetic.keeps(kept, "bf16") == (kept != "below bf16")
+    assert arithmetic.keeps(kept, "fp32") == (kept == "fp32")
+
+
+def test_invariance_rounds_at_the_measured_dtype_only_when_coarser() -> None:
+    """A float32 request computed in bfloat16 is judged at bfloat16; one computed as asked, or
+    finer, at its declared dtype; a model without 4-bit layers is never probed again."""
+    from types import SimpleNamespace
+
+    from conformance.arithmetic import effective_compute_dtype
+
+    for measured, declared, expected in [("bf16", "fp32", "bf16"), ("fp32", "fp32", "fp32"),
+                                         ("fp32", "bf16", "bf16"), ("below bf16", "fp16", "bf16"),
+                                         ("", "fp32", "fp32")]:
+        loaded = SimpleNamespace(kept_precision=measured, model=None)
+        assert effective_compute_dtype(loaded, declared) == expected

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
-from conformance import compare, decoding, localize
+from conformance import arithmetic, compare, decoding, localize
 from conformance.cases import Case
 from conformance.checks import (
     attempt,
@@ -107,7 +107,7 @@ def _setup(cache: ModelCache, case: Case) -> tuple[Loaded, int, float, float]:
     return variant, longest, noise, scale
 
 
-def _verdict(case: Case, got: Any, want: Any, noise: float, scale: float,
+def _verdict(case: Case, variant: Loaded, got: Any, want: Any, noise: float, scale: float,
              what: str) -> tuple[str | None, dict[str, Any]]:
     """Rounding-noise units for paths that must be invariant; the scheme's own bound for a path
     the registry declares batch-dependent by design (LLM.int8's batch-wide outlier columns)."""
@@ -115,11 +115,16 @@ def _verdict(case: Case, got: Any, want: Any, noise: float, scale: float,
         problem, figures = compare.spread_verdict(got, want, case.variant.tolerance, what)
         figures["batch_dependent"] = case.variant.batch_dependent
         return problem, figures
-    # a variant computing in a lower dtype than the run's (bnb_nf4_c16: float16 kernels in a float32
-    # model) rounds at that dtype: measured on CI's draws, its cached chunks differ from one full
-    # forward by up to 2.4e-3 on mistral, 80x the float32 bound and within float16's floor (6.7e-3)
-    return compare.invariance_verdict(got, want, noise, scale, case.variant.compute_dtype or case.dtype,
-                                      what)
+    # a variant computing in a lower dtype than the run's rounds at that dtype: declared
+    # (bnb_nf4_c16: float16 kernels in a float32 model; measured on CI's draws, its cached chunks
+    # differ from one full forward by up to 2.4e-3 on mistral, 80x the float32 bound and within
+    # float16's floor, 6.7e-3) or measured (bitsandbytes' CPU kernels keep bfloat16 only on
+    # AVX512-BF16: conformance/arithmetic.py; test_quantized_compute_dtype judges that gap)
+    rounding = arithmetic.effective_compute_dtype(variant, case.variant.compute_dtype or case.dtype)
+    problem, figures = compare.invariance_verdict(got, want, noise, scale, rounding, what)
+    if rounding != case.dtype:
+        figures["rounding_dtype"] = rounding
+    return problem, figures
 
 
 def _alone(variant: Loaded, batch: BatchSpec) -> Any:
@@ -145,7 +150,7 @@ def test_padding_invariance(case: Case, model_cache: ModelCache, metrics: dict[s
                 metrics.setdefault("refused", {})[side] = refused
                 continue
             problem, figures = _verdict(
-                case, compare.on_real(out, spec.mask()), alone, noise, scale,
+                case, variant, compare.on_real(out, spec.mask()), alone, noise, scale,
                 f"{side}-padded batch vs each sequence alone")
             _judge(metrics, spec, case, problem, figures, _located(model_cache, case, spec))
 
@@ -183,7 +188,7 @@ def test_batch_invariance(case: Case, model_cache: ModelCache, metrics: dict[str
         got = compare.on_real(second[: len(rows)].flip(0), mask_first)
         assert bool((mask_second[: len(rows)].flip(0) == mask_first).all())
         problem, figures = _verdict(
-            case, got, compare.on_real(first, mask_first), noise, scale,
+            case, variant, got, compare.on_real(first, mask_first), noise, scale,
             "the same rows reordered among other neighbours")
         _judge(metrics, batch, case, problem, figures, _between(
             model_cache, case, batch,
@@ -213,7 +218,7 @@ def test_mask_equivalence(case: Case, model_cache: ModelCache, metrics: dict[str
         with_mask = unrefused(variant, lambda: forward_ids(variant, ids, mask))
         without = unrefused(variant, lambda: run_inputs(variant, {"input_ids": ids.to(variant.device)}))
         problem, figures = _verdict(
-            case, compare.on_real(without, mask), compare.on_real(with_mask, mask), noise, scale,
+            case, variant, compare.on_real(without, mask), compare.on_real(with_mask, mask), noise, scale,
             "no attention mask vs an all-ones mask")
         _judge(metrics, batch, case, problem, figures, _located(
             model_cache, case, batch, lambda: run_inputs(variant, {"input_ids": ids.to(variant.device)})))
@@ -236,7 +241,7 @@ def test_packed_equivalence(case: Case, model_cache: ModelCache, metrics: dict[s
         rows = batch.rows(variant.vocab_size)
         packed = unrefused(variant, lambda: decoding.packed(variant, rows))
         problem, figures = _verdict(
-            case, packed, _alone(variant, batch), noise, scale,
+            case, variant, packed, _alone(variant, batch), noise, scale,
             "packed rows (position_ids restarting) vs each row alone")
         _judge(metrics, batch, case, problem, figures, _between(
             model_cache, case, batch, (lambda: decoding.packed(variant, rows), _row_order),
@@ -300,7 +305,7 @@ def test_cache_consistency(case: Case, cache_kind: str, model_cache: ModelCache,
         full = unrefused(variant, lambda: decoding.full_with_cache_off(variant, ids, mask))
         cached = unrefused(variant, lambda: decoding.incremental(variant, ids, mask, chunks, cache_kind))
         problem, figures = _verdict(
-            case, compare.on_real(cached, mask), compare.on_real(full, mask), noise, scale,
+            case, variant, compare.on_real(cached, mask), compare.on_real(full, mask), noise, scale,
             f"{cache_kind}-cache decoding in chunks {chunks} vs one full forward")
         _judge(metrics, batch, case, problem, figures, _located(
             model_cache, case, batch,
@@ -317,7 +322,7 @@ def test_fully_padded_and_tiny(case: Case, model_cache: ModelCache, metrics: dic
     reference = model_cache.get(case.model, REGISTRY[REFERENCE], case.dtype)
     tiny = BatchSpec((1,), "none")
     problem, figures = _verdict(
-        case,
+        case, variant,
         compare.on_real(unrefused(variant, lambda: forward(variant, tiny)), tiny.mask()),
         _alone(variant, tiny), noise, scale, "batch 1 x length 1")
     metrics["tiny"] = figures
@@ -342,7 +347,7 @@ def test_fully_padded_and_tiny(case: Case, model_cache: ModelCache, metrics: dic
             f"{case.id}: non-finite output in rows {sorted({int(r) for r in bad.nonzero()[:, 0]})} "
             f"(fully padded row {at}) where the reference is finite")
         problem, figures = _verdict(
-            case, compare.on_real(out, mask), _alone(variant, batch), noise, scale,
+            case, variant, compare.on_real(out, mask), _alone(variant, batch), noise, scale,
             f"batch with a fully padded row ({side}) vs each sequence alone")
         with_pads = (lambda: _padded_forward(variant, with_empty, side, batch.width),
                      lambda t: compare.on_real(t, mask))
@@ -350,7 +355,7 @@ def test_fully_padded_and_tiny(case: Case, model_cache: ModelCache, metrics: dic
             model_cache, case, batch, with_pads, (lambda: forward_per_row(variant, batch), _row_order)))
         filled = unrefused(variant, lambda: _padded_forward(variant, with_empty, side, batch.width, junk))
         problem, figures = _verdict(
-            case, compare.on_real(filled, mask), compare.on_real(out, mask), noise, scale,
+            case, variant, compare.on_real(filled, mask), compare.on_real(out, mask), noise, scale,
             "random tokens vs pad tokens under the mask")
         _judge(metrics, batch, case, problem, figures, _between(
             model_cache, case, batch,
@@ -501,8 +506,8 @@ def _options(case: Case, model_cache: ModelCache, metrics: dict[str, Any], exclu
                 f"{diff:.3g} on real tokens)")
             figures: dict[str, Any] = {"max_abs_diff": diff, "bitwise": True, "err_over_bound": 0.0}
         else:
-            problem, figures = _verdict(case, compare.on_real(got, mask), compare.on_real(plain, mask),
-                                        noise, scale, what)
+            problem, figures = _verdict(case, variant, compare.on_real(got, mask),
+                                        compare.on_real(plain, mask), noise, scale, what)
         _judge(metrics, batch, case, problem, figures, _located(model_cache, case, batch, traced))
         if option.extra is not None and out is not None:
             context = Context(variant, reference, golden, ids, mask, batch.padding, case.dtype,

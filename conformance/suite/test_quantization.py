@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from conformance import footprint, quality, tolerances
+from conformance import arithmetic, footprint, quality, tolerances
 from conformance.cases import Case
 from conformance.checks import load_golden, load_or_skip, unrefused
 from conformance.running import Loaded, LoadError, ModelCache, load
@@ -162,8 +162,10 @@ class _Bnb4bitInputs:
 
 @pytest.mark.cases(variant_filter=_four_bit)
 def test_quantized_compute_dtype(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
-    """bnb_4bit_compute_dtype is honoured: every Linear4bit holds it, and the 4-bit ops receive
-    their activations in it (not silently in the run dtype)."""
+    """bnb_4bit_compute_dtype is honoured: every Linear4bit holds it, the 4-bit ops receive
+    their activations in it (not silently in the run dtype), and the layers' arithmetic keeps
+    its precision (an input step only it resolves moves the output: conformance/arithmetic.py),
+    not a coarser dtype's cast inside the kernel."""
     import torch
 
     from conformance.compat import parse_dtype
@@ -189,6 +191,15 @@ def test_quantized_compute_dtype(case: Case, model_cache: ModelCache, metrics: d
     assert set(probe.seen) == {requested}, (
         f"{case.id}: compute dtype {requested} requested, bitsandbytes 4-bit ops received "
         f"activations in {dict(probe.seen)}")
+    measured = arithmetic.four_bit_precision(variant.model)
+    assert measured is not None
+    kept, layer = measured
+    metrics.update({"kept_precision": kept, "kept_precision_layer": layer})
+    want = arithmetic.SHORT[requested]
+    assert arithmetic.keeps(kept, want), (
+        f"{case.id}: compute dtype {requested} requested, but {layer}'s arithmetic keeps only "
+        f"{kept}'s precision (an input step of {arithmetic.step(want):g} at 1.0 does not move its "
+        f"output, at {' and '.join(map(str, arithmetic.ROWS))} rows)")
 
 
 CASTS = {
