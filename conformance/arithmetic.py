@@ -62,8 +62,12 @@ def kept_precision(layer: Any, in_features: int) -> str:
 
 def four_bit_precision(model: Any) -> tuple[str, str] | None:
     """(kept precision, layer name) of the model's first bitsandbytes 4-bit layer; None without one.
-    One layer speaks for all: the kernel is chosen per device and dtype, not per layer."""
-    for name, module in model.named_modules():
+    One layer speaks for all: the kernel is chosen per device and dtype, not per layer. A model
+    that is no torch module (an ONNX Runtime session) has none."""
+    named_modules = getattr(model, "named_modules", None)
+    if named_modules is None:
+        return None
+    for name, module in named_modules():
         if type(module).__name__ == "Linear4bit":
             return kept_precision(module, int(module.in_features)), name
     return None

@@ -415,3 +415,6 @@ def test_invariance_rounds_at_the_measured_dtype_only_when_coarser() -> None:
                                          ("", "fp32", "fp32")]:
         loaded = SimpleNamespace(kept_precision=measured, model=None)
         assert effective_compute_dtype(loaded, declared) == expected
+    # a model that is no torch module (ONNX Runtime's) has no 4-bit layer to probe
+    onnx = SimpleNamespace(kept_precision=None, model=object())
+    assert effective_compute_dtype(onnx, "fp32") == "fp32" and onnx.kept_precision == ""
