@@ -91,6 +91,11 @@ def dtype_table() -> dict[str, Any]:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
+def short_name(dtype: Any) -> str:
+    """``torch.bfloat16`` -> ``"bf16"``: parse_dtype's inverse."""
+    return next(name for name, value in dtype_table().items() if value == dtype)
+
+
 def parse_dtype(name: str) -> Any:
     """``"bf16"`` -> ``torch.bfloat16``; the short names are the ones test ids use."""
     table = dtype_table()

@@ -168,7 +168,7 @@ def test_quantized_compute_dtype(case: Case, model_cache: ModelCache, metrics: d
     not a coarser dtype's cast inside the kernel."""
     import torch
 
-    from conformance.compat import parse_dtype
+    from conformance.compat import parse_dtype, short_name
     from conformance.running import forward
     from conformance.strategies import BatchSpec
 
@@ -195,7 +195,7 @@ def test_quantized_compute_dtype(case: Case, model_cache: ModelCache, metrics: d
     assert measured is not None
     kept, layer = measured
     metrics.update({"kept_precision": kept, "kept_precision_layer": layer})
-    want = arithmetic.SHORT[requested]
+    want = short_name(config.bnb_4bit_compute_dtype or torch.float32)
     assert arithmetic.keeps(kept, want), (
         f"{case.id}: compute dtype {requested} requested, but {layer}'s arithmetic keeps only "
         f"{kept}'s precision (an input step of {arithmetic.step(want):g} at 1.0 does not move its "
