@@ -86,7 +86,8 @@ def _stack(session: nox.Session, stack: str, locked: bool = True) -> None:
                         *EXPECTATIONS.get(stack, []), *FALSE_ALARM_SELECTION,
                         "--conformance-report", f"reports/false-alarms/{stack}/{run}", env=env,
                         success_codes=[0, 1])
-        session.run("python", "-m", "conformance.reporting.false_alarms", f"reports/false-alarms/{stack}")
+        session.run("python", "-m", "conformance.reporting.false_alarms", f"reports/false-alarms/{stack}",
+                    "--ledger", f"docs/false-alarms/{stack}.tsv")
     if "smoke" in jobs:
         session.run("pytest", "--pyargs", "conformance", "-q", "-m", "smoke",
                     *EXPECTATIONS.get(stack, []), env=env)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -418,3 +419,28 @@ def test_invariance_rounds_at_the_measured_dtype_only_when_coarser() -> None:
     # a model that is no torch module (ONNX Runtime's) has no 4-bit layer to probe
     onnx = SimpleNamespace(kept_precision=None, model=object())
     assert effective_compute_dtype(onnx, "fp32") == "fp32" and onnx.kept_precision == ""
+
+
+def _run_report(folder: Path, run: str, seed: int, outcomes: dict[str, str]) -> None:
+    (folder / run).mkdir(parents=True)
+    body = {"environment": {"hypothesis": {"seed": seed}, "versions": {"transformers": "5.0"}},
+            "started": 0.0, "finished": 120.0,
+            "results": [{"nodeid": k, "outcome": v} for k, v in outcomes.items()]}
+    (folder / run / "report.json").write_text(json.dumps(body))
+
+
+def test_false_alarm_ledger_adds_up_runs_from_other_checkouts(tmp_path: Path, capsys) -> None:
+    from conformance.reporting import false_alarms
+
+    ledger = tmp_path / "ledger.tsv"
+    _run_report(tmp_path / "a", "0", 1, {"t[x]": "passed", "t[y]": "passed"})
+    assert false_alarms.main([str(tmp_path / "a"), "--ledger", str(ledger)]) == 0
+    # a later checkout has lost run 0's report; its run 1 fails one check
+    _run_report(tmp_path / "b", "1", 7920, {"t[x]": "passed", "t[y]": "failed", "t[z]": "xfailed"})
+    assert false_alarms.main([str(tmp_path / "b"), "--ledger", str(ledger)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2] == "2 runs, 3 passing test executions, 1 spurious failures"
+    assert out[-1] == "  t[y]: failed in runs 1"
+    rows = false_alarms.read_ledger(ledger)
+    assert [(r["run"], r["seed"], r["xfailed"], r["minutes"]) for r in rows] == [
+        ("0", "1", "0", "2.0"), ("1", "7920", "1", "2.0")]
