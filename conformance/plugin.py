@@ -353,6 +353,31 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         judge_against("fp64")  # until the check asks for its golden run (compare._GOLDEN_DTYPE)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    """Examples the path refused (checks.unrefused) are counted in the check's metrics; when every
+    example was refused, Hypothesis has nothing to judge and the check is a skip with the reason."""
+    if not asked(item.config):
+        return (yield)
+    from hypothesis.errors import FailedHealthCheck, Unsatisfiable
+
+    from conformance.checks import ANSWERED, REFUSED_EXAMPLES
+
+    REFUSED_EXAMPLES.clear()
+    ANSWERED[0] = 0
+    try:
+        return (yield)
+    except (Unsatisfiable, FailedHealthCheck):
+        if not REFUSED_EXAMPLES:
+            raise
+        pytest.skip(f"every example was refused ({len(REFUSED_EXAMPLES)} tried), the first: "
+                    f"{REFUSED_EXAMPLES[0]}")
+    finally:
+        if REFUSED_EXAMPLES:
+            _info(item)["metrics"].update(refused_examples=len(REFUSED_EXAMPLES),
+                                          first_refusal=REFUSED_EXAMPLES[0])
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_teardown(item: pytest.Item) -> None:
     if asked(item.config):

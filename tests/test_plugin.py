@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from conftest import results_of
+
 SUITE = ("--pyargs", "conformance")
 
 
@@ -230,3 +232,26 @@ def test_user_model_without_weights_is_one_line_at_the_start(run_suite: Any, tmp
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     result = run_suite(*SUITE, "--model", str(tmp_path), "-k", "test_logits")
     _one_line_error(result, "has a config.json but no weights")
+
+
+@pytest.mark.parametrize(("refuse", "check", "outcome"), [
+    ("long", "test_logits and nopad", "passed"),  # the short examples are still judged
+    ("masked", "test_logits and pad_right", "skipped"),  # every padded example is refused
+])
+def test_refused_examples_are_set_aside_not_the_check(pytester: pytest.Pytester, run_suite: Any,
+                                                      monkeypatch: pytest.MonkeyPatch, refuse: str,
+                                                      check: str, outcome: str) -> None:
+    """A path that refuses some inputs (a forced kernel and a mask) is judged on the others; one
+    that refuses every example skips with the reason, after checks.REFUSAL_LIMIT of them."""
+    from conformance.checks import REFUSAL_LIMIT
+
+    monkeypatch.setenv("CONFORMANCE_TEST_REFUSE", refuse)
+    (record,) = results_of(pytester, run_suite, "report", "-p", "refusing", "--pyargs", "conformance",
+                           "-q", "--model", "llama", "--dtype", "fp32", "--variant", "sdpa", "-k", check)
+    assert record["outcome"] == outcome, record["reason"]
+    assert "planted refusal" in record["metrics"]["first_refusal"]
+    if outcome == "passed":
+        assert record["metrics"]["refused_examples"] > 0
+    else:
+        assert record["metrics"]["refused_examples"] == REFUSAL_LIMIT
+        assert record["reason"].startswith(f"the first {REFUSAL_LIMIT} examples were all refused")
