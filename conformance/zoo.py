@@ -68,14 +68,40 @@ def fixtures_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "fixtures"
 
 
-def kind_of(model_type: str, where: str) -> str:
+# Kinds the suite does not run (yet), named so that a user's --model of one is told what it is.
+OTHER_KINDS = {
+    "encoder-decoder": frozenset({"t5", "mt5", "umt5", "bart", "mbart", "pegasus", "marian",
+                                  "whisper", "longt5", "led", "prophetnet", "blenderbot"}),
+    "vision": frozenset({"vit", "deit", "beit", "swin", "convnext", "resnet", "dinov2", "siglip",
+                         "clip_vision_model", "mobilevit", "segformer", "detr", "yolos"}),
+    "audio": frozenset({"wav2vec2", "hubert", "wavlm", "audio-spectrogram-transformer", "clap"}),
+}
+
+
+def other_kind(model_type: str, config: dict[str, Any]) -> str:
+    """The kind of a model the suite does not run: by architecture, else by the config's telltales."""
+    for kind, types in OTHER_KINDS.items():
+        if model_type in types:
+            return kind
+    if config.get("is_encoder_decoder"):
+        return "encoder-decoder"
+    if "num_mel_bins" in config or "sampling_rate" in config:
+        return "audio"
+    if "image_size" in config or "num_channels" in config or "vision_config" in config:
+        return "vision"
+    return "unknown"
+
+
+def kind_of(model_type: str, where: str, config: dict[str, Any] | None = None) -> str:
     if model_type in DECODER_TYPES:
         return "decoder"
     if model_type in ENCODER_TYPES:
         return "encoder"
+    kind = other_kind(model_type, config or {})
     raise ZooError(
-        f"{where}: architecture {model_type!r} is not one the suite knows how to run "
-        f"(decoders: {', '.join(sorted(DECODER_TYPES))}; encoders: {', '.join(sorted(ENCODER_TYPES))})"
+        f"{where}: architecture {model_type!r} is not one the suite knows how to run (kind: {kind}; "
+        f"kinds supported: decoder ({', '.join(sorted(DECODER_TYPES))}), encoder "
+        f"({', '.join(sorted(ENCODER_TYPES))}))"
     )
 
 
@@ -147,10 +173,11 @@ def resolve(spec: str, zoo: list[ZooModel]) -> ZooModel:
         if not config.is_file():
             raise ZooError(f"--model {spec}: {path} has no config.json (not a transformers checkpoint)")
         try:
-            model_type = json.loads(config.read_text())["model_type"]
-        except (json.JSONDecodeError, KeyError) as exc:
+            settings = json.loads(config.read_text())
+            model_type = settings["model_type"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ZooError(f"--model {spec}: unreadable config.json ({exc})") from None
-        kind = kind_of(model_type, f"--model {spec}")
+        kind = kind_of(model_type, f"--model {spec}", settings)
         if not has_weights(path):
             raise ZooError(f"--model {spec}: {path} has a config.json but no weights "
                            "(model.safetensors, pytorch_model.bin or a sharded index)")
@@ -163,8 +190,9 @@ def resolve(spec: str, zoo: list[ZooModel]) -> ZooModel:
             f"--model {spec}: not a zoo name ({', '.join(by_name)}), not a directory, and not in "
             "the local Hugging Face cache (the suite runs offline): pass a checkpoint directory"
         )
-    model_type = json.loads(Path(cached).read_text()).get("model_type", "?")
-    return ZooModel(spec.replace("/", "--"), kind_of(model_type, f"--model {spec}"), "user", spec,
+    settings = json.loads(Path(cached).read_text())
+    return ZooModel(spec.replace("/", "--"),
+                    kind_of(settings.get("model_type", "?"), f"--model {spec}", settings), "user", spec,
                     trained=True)
 
 

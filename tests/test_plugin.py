@@ -30,7 +30,17 @@ def test_missing_model_path_is_one_line(run_suite: Any) -> None:
 def test_unknown_architecture_is_one_line(run_suite: Any, tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
     result = run_suite(*SUITE, "--model", str(tmp_path))
-    _one_line_error(result, "architecture 't5' is not one the suite knows how to run")
+    _one_line_error(result, "architecture 't5' is not one the suite knows how to run "
+                    "(kind: encoder-decoder; kinds supported: decoder (")
+
+
+def test_vision_only_model_names_its_kind(run_suite: Any, tmp_path: Path) -> None:
+    """An architecture the suite has never heard of is named by its config's telltales."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "pixelmodel", "image_size": 224,
+                                                       "num_channels": 3}))
+    result = run_suite(*SUITE, "--model", str(tmp_path))
+    _one_line_error(result, "architecture 'pixelmodel' is not one the suite knows how to run "
+                    "(kind: vision; kinds supported: decoder (")
 
 
 def test_unknown_hub_id_is_one_line(run_suite: Any) -> None:
