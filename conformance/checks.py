@@ -126,11 +126,12 @@ def attempt(loaded: Loaded, run: Callable[[], Any]) -> tuple[Any, str | None]:
         return None, reason
 
 
-# The reasons of the Hypothesis examples the path refused in the running check, and how many of
-# its runs the path answered: the plugin clears both before each check, records the count, and
-# turns a check whose every example was refused into a skip (plugin.pytest_runtest_call).
+# The reasons of the Hypothesis examples the path refused in the running check, and its examples
+# so far: [the current example's build context, whether it was refused, how many earlier examples
+# were answered in full]. The plugin resets both before each check, records the count, and turns
+# a check whose every example was refused into a skip (plugin.pytest_runtest_call).
 REFUSED_EXAMPLES: list[str] = []
-ANSWERED: list[int] = [0]
+EXAMPLES: list[Any] = [None, False, 0]
 # A path that refused this many examples and answered none refuses the check's whole class of
 # input (a forced kernel and any mask): skip then, rather than draw Hypothesis' hundreds more
 # (measured: 459 examples tried, each with its golden run, before Hypothesis gave up).
@@ -144,18 +145,22 @@ def unrefused(loaded: Loaded, run: Callable[[], Any]) -> Any:
     the check is a skip with the reason."""
     __tracebackhide__ = True
     from hypothesis import reject
-    from hypothesis.control import currently_in_test_context
+    from hypothesis.control import current_build_context, currently_in_test_context
 
     out, reason = attempt(loaded, run)
     if not currently_in_test_context():
         if reason is not None:
             pytest.skip(reason)
         return out
+    example = current_build_context()
+    if example is not EXAMPLES[0]:  # a new example: the one before was answered unless refused
+        EXAMPLES[2] += EXAMPLES[0] is not None and not EXAMPLES[1]
+        EXAMPLES[:2] = [example, False]
     if reason is None:
-        ANSWERED[0] += 1
         return out
+    EXAMPLES[1] = True
     REFUSED_EXAMPLES.append(reason)
-    if len(REFUSED_EXAMPLES) >= REFUSAL_LIMIT and not ANSWERED[0]:
+    if len(REFUSED_EXAMPLES) >= REFUSAL_LIMIT and not EXAMPLES[2]:
         pytest.skip(f"the first {len(REFUSED_EXAMPLES)} examples were all refused: {reason}")
     reject()
 

@@ -301,6 +301,12 @@ def _judge_hidden_states(out: Any, ctx: Context) -> tuple[str | None, dict[str, 
         return (f"output_hidden_states=True returned {0 if states is None else len(states)} states for "
                 f"{layers} layers (expected {layers + 1})"), {}
     figures: dict[str, Any] = {"hidden_states": len(states)}
+    nested = [index for index, state in enumerate(states) if getattr(state, "is_nested", False)]
+    if nested:  # BetterTransformer's encoder packs a padded batch between its layers
+        figures["nested_hidden_states"] = nested
+        return (f"output_hidden_states=True returned hidden states {nested} as NestedTensors (a packed "
+                f"layout), where the plain call returns [batch, seq, hidden] tensors: indexing them "
+                f"fails (aten::index has no NestedTensor kernel)"), figures
     if not ctx.kernel_class:
         return None, figures
     real = ctx.mask.bool()

@@ -361,10 +361,10 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
         return (yield)
     from hypothesis.errors import FailedHealthCheck, Unsatisfiable
 
-    from conformance.checks import ANSWERED, REFUSED_EXAMPLES
+    from conformance.checks import EXAMPLES, REFUSED_EXAMPLES
 
     REFUSED_EXAMPLES.clear()
-    ANSWERED[0] = 0
+    EXAMPLES[:] = [None, False, 0]
     try:
         return (yield)
     except (Unsatisfiable, FailedHealthCheck):
@@ -376,6 +376,7 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
         if REFUSED_EXAMPLES:
             _info(item)["metrics"].update(refused_examples=len(REFUSED_EXAMPLES),
                                           first_refusal=REFUSED_EXAMPLES[0])
+        EXAMPLES[0] = None  # the last example's context is not kept alive past its check
 
 
 @pytest.hookimpl(tryfirst=True)

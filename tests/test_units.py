@@ -444,3 +444,22 @@ def test_false_alarm_ledger_adds_up_runs_from_other_checkouts(tmp_path: Path, ca
     rows = false_alarms.read_ledger(ledger)
     assert [(r["run"], r["seed"], r["xfailed"], r["minutes"]) for r in rows] == [
         ("0", "1", "0", "2.0"), ("1", "7920", "1", "2.0")]
+
+
+def test_nested_hidden_states_are_a_verdict_not_a_crash() -> None:
+    """BetterTransformer's encoder hands back the states between its layers packed: the option
+    check names them, instead of raising on the NestedTensor when it indexes the real tokens."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from conformance.options import _judge_hidden_states
+
+    padded = torch.zeros(2, 3, 4)
+    packed = torch.nested.nested_tensor([torch.zeros(3, 4), torch.zeros(1, 4)])
+    out = SimpleNamespace(hidden_states=(padded, packed, padded))
+    config = SimpleNamespace(num_hidden_layers=2)
+    ctx = SimpleNamespace(variant=SimpleNamespace(model=SimpleNamespace(config=config)))
+    problem, figures = _judge_hidden_states(out, ctx)
+    assert problem is not None and "hidden states [1] as NestedTensors" in problem
+    assert figures["nested_hidden_states"] == [1]
