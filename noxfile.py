@@ -158,10 +158,13 @@ SWEEP_SELECTION = ["--model", "llama", "--model", "bert", "--model", "mistral",
 
 
 def _release(session: nox.Session, transformers: str) -> None:
-    """Install one transformers release with the companions the sweep table names for its line."""
+    """Install one transformers release with the companions the sweep table names for its line.
+    --upgrade: one venv serves every release in turn, and an unpinned companion (`default`:
+    the newest accelerate) would otherwise keep the older pin of the line installed before it
+    (measured: 4.53-5.24 swept with 4.52's accelerate 1.7.0, whose balanced plans fail)."""
     minor = ".".join(transformers.split(".")[:2])
     companions = SWEEP.get(minor, SWEEP["default"])
-    session.install(TORCH, f"transformers=={transformers}", *companions, "-e", ".[dev]")
+    session.install("--upgrade", TORCH, f"transformers=={transformers}", *companions, "-e", ".[dev]")
 
 
 def _run_selection(session: nox.Session, report: str, *args: str) -> None:
