@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pytest
@@ -126,12 +127,31 @@ def attempt(loaded: Loaded, run: Callable[[], Any]) -> tuple[Any, str | None]:
         return None, reason
 
 
-# The reasons of the Hypothesis examples the path refused in the running check, and its examples
-# so far: [the current example's build context, whether it was refused, how many earlier examples
-# were answered in full]. The plugin resets both before each check, records the count, and turns
-# a check whose every example was refused into a skip (plugin.pytest_runtest_call).
-REFUSED_EXAMPLES: list[str] = []
-EXAMPLES: list[Any] = [None, False, 0]
+@dataclass
+class Refusals:
+    """The Hypothesis examples the path refused in the running check. The plugin resets it before
+    each check, records the count, and turns a check whose every example was refused into a skip
+    (plugin.pytest_runtest_call)."""
+
+    reasons: list[str] = field(default_factory=list)
+    example: Any = None  # the current example's build context
+    example_refused: bool = False
+    answered: int = 0  # earlier examples answered in full
+
+    def reset(self) -> None:
+        self.reasons.clear()
+        self.example, self.example_refused, self.answered = None, False, 0
+
+    def note(self, example: Any, reason: str | None) -> None:
+        if example is not self.example:  # a new example: the one before was answered unless refused
+            self.answered += self.example is not None and not self.example_refused
+            self.example, self.example_refused = example, False
+        if reason is not None:
+            self.example_refused = True
+            self.reasons.append(reason)
+
+
+REFUSALS = Refusals()
 # A path that refused this many examples and answered none refuses the check's whole class of
 # input (a forced kernel and any mask): skip then, rather than draw Hypothesis' hundreds more
 # (measured: 459 examples tried, each with its golden run, before Hypothesis gave up).
@@ -152,16 +172,11 @@ def unrefused(loaded: Loaded, run: Callable[[], Any]) -> Any:
         if reason is not None:
             pytest.skip(reason)
         return out
-    example = current_build_context()
-    if example is not EXAMPLES[0]:  # a new example: the one before was answered unless refused
-        EXAMPLES[2] += EXAMPLES[0] is not None and not EXAMPLES[1]
-        EXAMPLES[:2] = [example, False]
+    REFUSALS.note(current_build_context(), reason)
     if reason is None:
         return out
-    EXAMPLES[1] = True
-    REFUSED_EXAMPLES.append(reason)
-    if len(REFUSED_EXAMPLES) >= REFUSAL_LIMIT and not EXAMPLES[2]:
-        pytest.skip(f"the first {len(REFUSED_EXAMPLES)} examples were all refused: {reason}")
+    if len(REFUSALS.reasons) >= REFUSAL_LIMIT and not REFUSALS.answered:
+        pytest.skip(f"the first {len(REFUSALS.reasons)} examples were all refused: {reason}")
     reject()
 
 

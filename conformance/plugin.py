@@ -361,22 +361,21 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
         return (yield)
     from hypothesis.errors import FailedHealthCheck, Unsatisfiable
 
-    from conformance.checks import EXAMPLES, REFUSED_EXAMPLES
+    from conformance.checks import REFUSALS
 
-    REFUSED_EXAMPLES.clear()
-    EXAMPLES[:] = [None, False, 0]
+    REFUSALS.reset()
     try:
         return (yield)
     except (Unsatisfiable, FailedHealthCheck):
-        if not REFUSED_EXAMPLES:
+        if not REFUSALS.reasons:
             raise
-        pytest.skip(f"every example was refused ({len(REFUSED_EXAMPLES)} tried), the first: "
-                    f"{REFUSED_EXAMPLES[0]}")
+        pytest.skip(f"every example was refused ({len(REFUSALS.reasons)} tried), the first: "
+                    f"{REFUSALS.reasons[0]}")
     finally:
-        if REFUSED_EXAMPLES:
-            _info(item)["metrics"].update(refused_examples=len(REFUSED_EXAMPLES),
-                                          first_refusal=REFUSED_EXAMPLES[0])
-        EXAMPLES[0] = None  # the last example's context is not kept alive past its check
+        if REFUSALS.reasons:
+            _info(item)["metrics"].update(refused_examples=len(REFUSALS.reasons),
+                                          first_refusal=REFUSALS.reasons[0])
+        REFUSALS.example = None  # the last example's context is not kept alive past its check
 
 
 @pytest.hookimpl(tryfirst=True)
