@@ -14,6 +14,7 @@ from conformance.probes import OpCounter
 from conformance.running import Loaded, LoadError, ModelCache, forward
 from conformance.strategies import BatchSpec
 from conformance.variants import REFERENCE, REGISTRY
+from conformance.zoo import ZooModel
 
 KERNEL_REFUSALS = ("No available kernel", "No viable backend")
 
@@ -199,6 +200,12 @@ def run_proven(loaded: Loaded, batch: BatchSpec, metrics: dict[str, Any]) -> Any
     return out
 
 
+def reproduction_spec(model: ZooModel) -> str:
+    """What `zoo.resolve` takes back to this model: a zoo model's name (its location is a config
+    file, which resolve refuses as a checkpoint), a user's model's path or id."""
+    return model.location if model.source == "user" else model.name
+
+
 def reproduction(case: Case, batch: BatchSpec, device: str, float64_kept: bool = False) -> str:
     """Code that reruns the case's forward on `batch`; `float64_kept`: inside float64.kept(), as
     test_float64_agreement runs it."""
@@ -209,7 +216,7 @@ def reproduction(case: Case, batch: BatchSpec, device: str, float64_kept: bool =
         "from pathlib import Path\n"
         "from conformance import running, variants, zoo\n"
         f"{batch.reproduction()}\n"
-        f"model = zoo.resolve({case.model.location!r}, zoo.default_zoo())\n"
+        f"model = zoo.resolve({reproduction_spec(case.model)!r}, zoo.default_zoo())\n"
         f"loaded = running.load(model, variants.REGISTRY[{case.variant.id!r}], {case.dtype!r}, "
         f"{device!r}, Path('/tmp/conformance-zoo'))\n"
         f"{run}"

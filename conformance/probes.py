@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import fnmatch
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # lookups memoized, 9.5 ms. Attention and softmax composites are still decomposed: that is where
 # the kernel the dispatcher picks shows.
 NOT_DECOMPOSED = frozenset({"aten::matmul", "aten::linear"})
+# A mixture of experts' router takes a softmax over expert scores in every layer: that is routing,
+# not attention, and an SDPA proof that forbids the plain path's softmax must not read it as a
+# fallback. Softmaxes dispatched inside these modules (Mixtral's and Qwen2-MoE's sparse block, 5.x's
+# router) are counted as ``routing::<op>``; measured on the zoo's mixtral (2 layers): 2 such calls
+# per forward on transformers 4.48.3 and 5.24.0, none elsewhere.
+ROUTING_MODULES = ("*SparseMoeBlock", "*MoeBlock", "*TopKRouter")
+ROUTING_SOFTMAX = frozenset({"aten::softmax", "aten::_softmax", "aten::_safe_softmax"})
 _OPS: dict[Any, tuple[str, bool]] = {}  # op -> (its name, whether the counter decomposes it)
 
 
@@ -49,11 +58,12 @@ class OpCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.counts: Counter[str] = Counter()
+        self.routing = 0  # > 0 while a mixture of experts' router runs (routing_watched)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         name, composite = _op(func)
-        self.counts[name] += 1
+        self.counts[f"routing::{name}" if self.routing and name in ROUTING_SOFTMAX else name] += 1
         if composite:
             with self:
                 result = func.decompose(*args, **kwargs)
@@ -66,6 +76,34 @@ class OpCounter(TorchDispatchMode):
             name: n for name, n in self.counts.items()
             if any(fnmatch.fnmatchcase(name, p) for p in patterns)
         }
+
+
+def routing_modules(model: Any) -> list[Any]:
+    """The model's mixture-of-experts routing modules (ROUTING_MODULES, by class name)."""
+    return [m for m in model.modules()
+            if any(fnmatch.fnmatchcase(type(m).__name__, p) for p in ROUTING_MODULES)]
+
+
+@contextmanager
+def routing_watched(counter: Any, model: Any) -> Iterator[None]:
+    """While `model` runs, softmaxes inside its routers count as routing (ROUTING_MODULES)."""
+    if not isinstance(counter, OpCounter):
+        yield
+        return
+    handles = []
+    for module in routing_modules(model):
+        handles.append(module.register_forward_pre_hook(lambda *_: _shift(counter, 1)))
+        handles.append(module.register_forward_hook(lambda *_: _shift(counter, -1)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        counter.routing = 0
+
+
+def _shift(counter: OpCounter, by: int) -> None:
+    counter.routing += by
 
 
 @dataclass(frozen=True)

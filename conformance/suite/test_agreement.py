@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import given, note, settings
 
-from conformance import compare, float64, tolerances
+from conformance import compare, float64, routing, tolerances
 from conformance.cases import Case
 from conformance.checks import (
     golden_outputs,
@@ -74,6 +74,9 @@ def test_float64_agreement(case: Case, model_cache: ModelCache, metrics: dict[st
         real = batch.mask().bool()
         problem = compare.golden_defined(expected, real)
         assert problem is None, f"{case.id}: {problem}"
+        real = routing.judged(model_cache, golden, batch, "fp64", metrics)
+        if not real.any():  # a mixture of experts' rows all open on a routing near tie
+            return
         problem, figures = compare.agreement_verdict(
             out, expected, real, ulps, f"{case.variant.id} in float64 vs eager float64, each row alone")
         keep_worst(metrics, figures, batch)
@@ -81,3 +84,4 @@ def test_float64_agreement(case: Case, model_cache: ModelCache, metrics: dict[st
         assert problem is None, f"{case.id}: {problem}"
 
     check()
+    routing.skip_if_nothing_judged(metrics, "fp64", case.model.name)

@@ -1,6 +1,6 @@
 """A model sharded over several processes by transformers itself gives the single-process answers
-(C12, C14): tensor parallel (tp2, tp2+sdpa_*), expert parallel (ep2, on the MoE model of
-fixtures/distributed), pipeline parallel (pp2).
+(C12, C14): tensor parallel (tp2, tp2+sdpa_*), expert parallel (ep2, on the zoo's mixture
+of experts), pipeline parallel (pp2).
 
 Every case of one dtype runs in one set of rank processes per session (conformance/distributed.py,
 gloo on CPU, nccl on GPUs); the checks here judge what rank 0 wrote back with the suite's verdicts:
@@ -32,21 +32,12 @@ from conformance.outcomes import not_applicable
 from conformance.running import LoadError, ModelCache, forward, load
 from conformance.strategies import pad_rows
 from conformance.variants import REFERENCE, REGISTRY, SHARDING_LIMITS
-from conformance.zoo import ZooModel, auto_class, default_zoo, distributed_models, materialize
+from conformance.zoo import ZooModel, auto_class, materialize
 
 DIST = {"distributed": True}
 PROPERTY_MAX_LEN = 65
 
 
-def models(selection: Selection) -> tuple[ZooModel, ...]:
-    """The run's models, plus the MoE model the distributed checks bring when the run is on the
-    default zoo (ep2 has nothing to shard elsewhere)."""
-    if {m.name for m in selection.models} == {m.name for m in default_zoo()}:
-        return (*selection.models, *distributed_models())
-    return selection.models
-
-
-DIST["model_source"] = models
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +65,7 @@ def _spec(selection: Selection, dtype: str, device: str, root: Path,
     stage waiting (transformers 5.16-5.17: cached decoding, the group hangs), and a hung group has
     no results at all; apart, the tp/ep cases keep their verdicts."""
     entries, sizes = [], set()
-    for model in models(selection):
+    for model in selection.models:
         if model.unmet() or dtype not in selection.model_dtypes(model):
             continue
         for variant in selection.variants:

@@ -232,6 +232,11 @@ SPILL_REFUSAL = "Some modules are dispatched on the CPU or the disk"
 CAP_SCHEMES = frozenset({"bnb_int8", "bnb_nf4"})  # one per bitsandbytes format: the rule is shared
 
 
+# transformers' bitsandbytes quantizers (4-bit and 8-bit, 4.36 to 5.24) hand the device-map
+# planner 90% of each max_memory entry (`adjust_max_memory`)
+BNB_PLANNED_SHARE = 0.90
+
+
 @pytest.mark.C12
 @pytest.mark.cases(variant_filter=lambda variant: variant.id in CAP_SCHEMES)
 def test_quantized_memory_cap(case: Case, model_cache: ModelCache, metrics: dict[str, Any],
@@ -260,7 +265,15 @@ def test_quantized_memory_cap(case: Case, model_cache: ModelCache, metrics: dict
         key = placement.device_key(main)
         return placement.gpu_allocated().get(key, 0) - before.get(key, 0)
 
-    fits = (quantized + whole) // 2
+    # bitsandbytes' quantizers plan with 90% of max_memory (adjust_max_memory: room for the
+    # buffers quantizing creates), so the quantized model fits a cap of quantized / 0.9
+    needed = int(quantized / BNB_PLANNED_SHARE) + 1
+    if needed >= whole:
+        pytest.skip(f"{case.id}: the quantized model ({quantized} bytes) needs a cap of {needed} "
+                    f"(bitsandbytes plans with {BNB_PLANNED_SHARE:.0%} of max_memory), which the "
+                    f"full-precision one ({whole}) fits too: {case.model.name} has too little "
+                    "quantizable weight for a cap to tell them apart")
+    fits = (needed + whole) // 2
     metrics.update(quantized_bytes=quantized, full_precision_bytes=whole, cap_fits=fits)
 
     def load_capped(cap: int, folder: str) -> tuple[Loaded | None, str]:

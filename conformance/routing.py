@@ -1,0 +1,95 @@
+"""The routing near-tie rule: which positions of a mixture of experts' batch can be judged.
+
+A router picks its top-k experts per token. Where the golden run's k-th and (k+1)-th router
+logits are closer than the rounding error a same-dtype path makes in them, float64 and the
+dtype judged may pick different experts, and both are right: the token then goes through other
+weights, and every later position of its row sees that through attention. So a row is judged up
+to its first near tie (in any layer) and not beyond; that is the generation near-tie rule applied
+to routing. The margins come from the golden run (eager in float64, each row alone), never from
+the path under test, so a path that routes wrongly cannot widen its own exemption: a real tie is
+a property of the sequence, not of the variant.
+
+Dense models are all decided: `judged` is then the batch's real-token mask, at no cost.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from conformance import tolerances
+from conformance.strategies import BatchSpec
+
+
+def experts_per_token(model: Any) -> int | None:
+    """k of a mixture of experts' top-k routing; None for a dense model."""
+    config = getattr(model, "config", None)
+    k = getattr(config, "num_experts_per_tok", None)
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    return int(k) if k and experts and int(experts) > int(k) else None
+
+
+def experts_fused(model: Any) -> bool:
+    """A mixture of experts whose experts are held as one (experts, out, in) tensor per layer, as
+    transformers 5.x converts them at load (4.x keeps one nn.Linear per expert)."""
+    return experts_per_token(model) is not None and any(p.dim() == 3 for p in model.parameters())
+
+
+def margins_per_row(golden: Any, batch: BatchSpec) -> Any:
+    """(rows, width) float64: at each real position the smallest top-k margin over the layers,
+    (k-th - (k+1)-th router logit) / max|router logit| of that row and layer; NaN at padding."""
+    import torch
+
+    from conformance.running import call_model, plain_inputs
+
+    k = experts_per_token(golden.model)
+    input_ids, mask = batch.materialize(golden.vocab_size, golden.pad_id)
+    margins = torch.full(tuple(mask.shape), float("nan"), dtype=torch.float64)
+    for row in range(len(batch.lengths)):
+        real = mask[row].bool()
+        ids = input_ids[row][real][None]
+        inputs = plain_inputs(golden, ids, torch.ones_like(ids)) | {"output_router_logits": True}
+        out = call_model(golden, inputs)
+        smallest = None
+        for logits in out.router_logits:
+            logits = logits.detach().to("cpu", torch.float64).reshape(-1, logits.shape[-1])
+            ranked = logits.sort(dim=-1, descending=True).values
+            relative = (ranked[:, k - 1] - ranked[:, k]) / logits.abs().max().clamp(min=1e-300)
+            smallest = relative if smallest is None else torch.minimum(smallest, relative)
+        margins[row, real] = smallest
+    return margins
+
+
+def decided(margins: Any, real: Any, dtype: str) -> Any:
+    """Real positions before their row's first near tie: margin < tolerances.routing_tie(dtype)."""
+    import torch
+
+    tie = real & (margins < tolerances.routing_tie(dtype))
+    before_first_tie = torch.cumsum(tie.long(), dim=-1) == 0
+    return real & before_first_tie
+
+
+def judged(cache: Any, golden: Any, batch: BatchSpec, dtype: str,
+           metrics: dict[str, Any] | None = None) -> Any:
+    """The positions a check compares on `batch`: its real tokens, for a mixture of experts only
+    those before the row's first routing near tie (counted in `metrics`)."""
+    real = batch.mask().bool()
+    if experts_per_token(golden.model) is None:
+        return real
+    found = decided(cache.routing_margins(golden, batch), real, dtype)
+    if metrics is not None:
+        metrics["routing_real"] = metrics.get("routing_real", 0) + int(real.sum())
+        metrics["routing_set_aside"] = metrics.get("routing_set_aside", 0) + int((real & ~found).sum())
+    return found
+
+
+def skip_if_nothing_judged(metrics: dict[str, Any], dtype: str, model: str) -> None:
+    """After a check's examples: when every real position was set aside, the check judged
+    nothing and says so (a skip with the figures), rather than passing."""
+    import pytest
+
+    real, aside = metrics.get("routing_real", 0), metrics.get("routing_set_aside", 0)
+    if real and aside == real:
+        pytest.skip(f"every one of the {real} real positions drawn on {model} in {dtype} follows a "
+                    f"routing near tie (top-k router margin under {tolerances.routing_tie(dtype):.3g} "
+                    "of max|router logit| in the golden run): the expert choice there is a coin "
+                    "toss in this dtype, so nothing was judged (fp32 judges this model)")
