@@ -219,6 +219,22 @@ def _sdpa_unmasked_not_causal() -> None:
     _rebind_in_models("create_causal_mask", create)
 
 
+def _experts_kernel_next_expert() -> None:
+    """The experts kernel every mixture of experts dispatches to by default (5.x's grouped_mm)
+    sends each token to the expert after the one its router chose: the plain path (eager
+    attention) has it too, the golden run's eager expert loops do not."""
+    from transformers.integrations import moe
+
+    mapping = moe.ALL_EXPERTS_FUNCTIONS._global_mapping
+    original = mapping["grouped_mm"]
+
+    @functools.wraps(original)
+    def shifted(self: Any, hidden_states: Any, top_k_index: Any, top_k_weights: Any) -> Any:
+        return original(self, hidden_states, (top_k_index + 1) % self.num_experts, top_k_weights)
+
+    mapping["grouped_mm"] = shifted
+
+
 PLANT: dict[str, Callable[[], None]] = {
     "sliding_window_dropped_sdpa": _sliding_window_dropped_sdpa,
     "sdpa_skips_padding_mask": _sdpa_skips_padding_mask,
@@ -229,6 +245,7 @@ PLANT: dict[str, Callable[[], None]] = {
     "generate_positions_stuck": _generate_positions_stuck,
     "eager_mask_drops_padding": _eager_mask_drops_padding,
     "sdpa_unmasked_not_causal": _sdpa_unmasked_not_causal,
+    "experts_kernel_next_expert": _experts_kernel_next_expert,
 }
 
 FAULTS: list[IntegrationFault] = [
@@ -259,6 +276,10 @@ FAULTS: list[IntegrationFault] = [
     IntegrationFault("sdpa_unmasked_not_causal", "llama", "sdpa", "fp32", "mask_equivalence", "",
                      "no attention mask vs an all-ones mask",
                      "SDPA without an attention mask runs non-causal"),
+    IntegrationFault("experts_kernel_next_expert", "mixtral", "sdpa", "fp32", "logits", "nopad",
+                     "max|variant - golden|",
+                     "the default experts kernel routes every token to the next expert (the plain "
+                     "path shares it; the routing near-tie rule must not hide it)"),
 ]
 
 
@@ -268,6 +289,9 @@ def unavailable(name: str) -> str | None:
 
     if importlib.util.find_spec("transformers.masking_utils") is None:  # asked without importing
         return "its target, transformers.masking_utils, is transformers >= 4.53 only"
+    if name == "experts_kernel_next_expert" and importlib.util.find_spec(
+            "transformers.integrations.moe") is None:
+        return "its target, transformers.integrations.moe (experts kernels), is transformers 5.x only"
     return None
 
 
