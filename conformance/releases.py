@@ -51,8 +51,16 @@ def worst_figure(record: dict[str, Any]) -> str | None:
     return None if value is None else f"{float(value):.3g}"
 
 
+def cause(record: dict[str, Any]) -> str:
+    """A failure without a figure (a hung rank, a refusal): its message after the case id."""
+    reason = (record.get("reason") or "").strip().splitlines()
+    if not reason:
+        return "?"
+    return reason[0].split(": ", 1)[-1][:200]
+
+
 def describe(record: dict[str, Any]) -> str:
-    text = f"{record.get('nodeid')}: {figure(record) or '?'}"
+    text = f"{record.get('nodeid')}: {figure(record) or cause(record)}"
     metrics = record.get("metrics") or {}
     worst = worst_figure(record)
     if worst is not None and "examples" in metrics:
