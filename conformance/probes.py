@@ -80,7 +80,10 @@ class OpCounter(TorchDispatchMode):
 
 def routing_modules(model: Any) -> list[Any]:
     """The model's mixture-of-experts routing modules (ROUTING_MODULES, by class name)."""
-    return [m for m in model.modules()
+    modules = getattr(model, "modules", None)  # an ONNX Runtime model has no torch modules
+    if modules is None:
+        return []
+    return [m for m in modules()
             if any(fnmatch.fnmatchcase(type(m).__name__, p) for p in ROUTING_MODULES)]
 
 
