@@ -170,6 +170,7 @@ def test_padding_invariance(case: Case, model_cache: ModelCache, metrics: dict[s
             _judge(metrics, spec, case, problem, figures, _located(model_cache, case, spec))
 
     check()
+    routing.skip_if_nothing_judged(metrics, case.dtype, case.model.name)
     if len(metrics.get("refused", {})) == len(_sides(case)):
         pytest.skip(f"every padding side refused: {metrics['refused']}")
 
@@ -213,6 +214,7 @@ def test_batch_invariance(case: Case, model_cache: ModelCache, metrics: dict[str
              lambda t: compare.on_real(t[: len(rows)].flip(0), mask_first))))
 
     check()
+    routing.skip_if_nothing_judged(metrics, case.dtype, case.model.name)
 
 
 def _padded_forward(loaded: Loaded, rows: list[Any], side: str, width: int, fill: Any = None) -> Any:
@@ -239,6 +241,7 @@ def test_mask_equivalence(case: Case, model_cache: ModelCache, metrics: dict[str
             model_cache, case, batch, lambda: run_inputs(variant, {"input_ids": ids.to(variant.device)})))
 
     check()
+    routing.skip_if_nothing_judged(metrics, case.dtype, case.model.name)
 
 
 @pytest.mark.cases(kinds=DECODERS)
@@ -264,6 +267,7 @@ def test_packed_equivalence(case: Case, model_cache: ModelCache, metrics: dict[s
             (lambda: forward_per_row(variant, batch), _row_order)))
 
     check()
+    routing.skip_if_nothing_judged(metrics, case.dtype, case.model.name)
 
 
 def _packing_unsupported(cache: ModelCache, case: Case, noise: float, scale: float) -> str | None:
@@ -345,6 +349,7 @@ def test_cache_consistency(case: Case, cache_kind: str, model_cache: ModelCache,
         judge(batch, chunks)
 
     check()
+    routing.skip_if_nothing_judged(metrics, case.dtype, case.model.name)
 
 
 @pytest.mark.cases()
@@ -397,6 +402,7 @@ def test_fully_padded_and_tiny(case: Case, model_cache: ModelCache, metrics: dic
              lambda t: compare.on_real(t, mask)), with_pads))
 
     check()
+    routing.skip_if_nothing_judged(metrics, case.dtype, case.model.name)
 
 
 @pytest.mark.cases()
