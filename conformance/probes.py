@@ -79,9 +79,12 @@ class OpCounter(TorchDispatchMode):
 
 
 def routing_modules(model: Any) -> list[Any]:
-    """The model's mixture-of-experts routing modules (ROUTING_MODULES, by class name)."""
+    """The model's mixture-of-experts routing modules (ROUTING_MODULES, by class name); none
+    searched for where the config routes no experts (every dense model: no walk per forward)."""
+    from conformance.routing import experts_per_token
+
     modules = getattr(model, "modules", None)  # an ONNX Runtime model has no torch modules
-    if modules is None:
+    if modules is None or experts_per_token(model) is None:
         return []
     return [m for m in modules()
             if any(fnmatch.fnmatchcase(type(m).__name__, p) for p in ROUTING_MODULES)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from conformance import tolerances
+from conformance.compare import eps
 from conformance.strategies import BatchSpec
 
 
@@ -59,11 +60,17 @@ def margins_per_row(golden: Any, batch: BatchSpec) -> Any:
     return margins
 
 
+def tie_margin(dtype: str) -> float:
+    """The relative router-logit margin under which a position is a routing near tie:
+    tolerances.ROUTING_TIE_ULPS x eps(dtype)."""
+    return tolerances.routing_tie_ulps(dtype) * eps(dtype)
+
+
 def decided(margins: Any, real: Any, dtype: str) -> Any:
-    """Real positions before their row's first near tie: margin < tolerances.routing_tie(dtype)."""
+    """Real positions before their row's first near tie: margin < tie_margin(dtype)."""
     import torch
 
-    tie = real & (margins < tolerances.routing_tie(dtype))
+    tie = real & (margins < tie_margin(dtype))
     before_first_tie = torch.cumsum(tie.long(), dim=-1) == 0
     return real & before_first_tie
 
@@ -90,6 +97,6 @@ def skip_if_nothing_judged(metrics: dict[str, Any], dtype: str, model: str) -> N
     real, aside = metrics.get("routing_real", 0), metrics.get("routing_set_aside", 0)
     if real and aside == real:
         pytest.skip(f"every one of the {real} real positions drawn on {model} in {dtype} follows a "
-                    f"routing near tie (top-k router margin under {tolerances.routing_tie(dtype):.3g} "
+                    f"routing near tie (top-k router margin under {tie_margin(dtype):.3g} "
                     "of max|router logit| in the golden run): the expert choice there is a coin "
                     "toss in this dtype, so nothing was judged (fp32 judges this model)")

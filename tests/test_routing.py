@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conformance import probes, routing, tolerances
+from conformance import probes, routing
 
 
 def test_a_row_is_judged_up_to_its_first_near_tie() -> None:
-    tie = tolerances.routing_tie("fp32")
+    tie = routing.tie_margin("fp32")
     margins = torch.tensor([[0.5, 0.4, tie / 2, 0.5, 0.5],
                             [0.5, 0.5, 0.5, 0.5, float("nan")]], dtype=torch.float64)
     real = torch.tensor([[True] * 5, [True] * 4 + [False]])
@@ -19,8 +19,8 @@ def test_a_row_is_judged_up_to_its_first_near_tie() -> None:
 
 def test_the_rule_is_per_dtype() -> None:
     """A margin that is a tie for bf16's rounding is decided for fp32's."""
-    margin = tolerances.routing_tie("bf16") / 2
-    assert margin > tolerances.routing_tie("fp32")
+    margin = routing.tie_margin("bf16") / 2
+    assert margin > routing.tie_margin("fp32")
     margins = torch.full((1, 3), margin, dtype=torch.float64)
     real = torch.ones(1, 3, dtype=torch.bool)
     assert routing.decided(margins, real, "fp32").all()
@@ -49,7 +49,13 @@ class ToyAttention(torch.nn.Module):
         return torch.softmax(x, dim=-1)
 
 
+class ToyConfig:
+    num_experts_per_tok, num_local_experts = 2, 4
+
+
 class Toy(torch.nn.Module):
+    config = ToyConfig()
+
     def __init__(self) -> None:
         super().__init__()
         self.attention, self.block = ToyAttention(), ToySparseMoeBlock()
