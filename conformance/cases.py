@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from conformance.environment import Environment
-from conformance.variants import Variant
+from conformance.variants import DEFAULT_KINDS, Variant
 from conformance.zoo import ZooModel
 
 PAD_IDS = {"none": "nopad", "right": "pad_right", "left": "pad_left"}
@@ -66,8 +66,9 @@ def expand(
     (`distributed=True`, test_distributed.py), and such a check gets only them; `model_source`
     (selection -> models) replaces the run's models (the distributed checks add their MoE model)."""
     out = []
+    kinds = kinds if kinds is not None else DEFAULT_KINDS  # a check takes seq2seq models by name
     for model in (model_source(selection) if model_source is not None else selection.models):
-        if kinds is not None and model.kind not in kinds:
+        if model.kind not in kinds:
             continue
         if model_filter is not None and not model_filter(model):
             continue

@@ -58,9 +58,10 @@ def load_or_fail_in(cache: ModelCache, case: Case, dtype: str) -> tuple[Loaded, 
 
 def golden_per_row(kind: str, padding: str) -> bool:
     """Whether the golden output of a batch is each row alone, unpadded: always, except an
-    encoder's left-padded batch, whose absolute positions move with the padding by design (then
-    the golden run is eager float64 on the padded batch itself)."""
-    return not (kind == "encoder" and padding == "left")
+    encoder's or an encoder-decoder's left-padded batch, whose absolute positions (BERT's, BART's
+    on both sides) move with the padding by design (then the golden run is eager float64 on the
+    padded batch itself)."""
+    return not (kind in ("encoder", "seq2seq") and padding == "left")
 
 
 def golden_outputs(cache: ModelCache, golden: Loaded, batch: BatchSpec) -> Any:

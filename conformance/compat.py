@@ -137,3 +137,41 @@ def distributed_config_missing(*names: str) -> str | None:
         return None
     return (f"needs DistributedConfig({', '.join(f'{n}=...' for n in lacking)}); this transformers' "
             f"DistributedConfig takes {', '.join(sorted(fields)) or 'nothing'}")
+
+
+def float64_causal_mask() -> bool:
+    """Let transformers 4.x build a float64 causal mask (the golden run's dtype).
+
+    ``AttentionMaskConverter._make_causal_mask`` fills ``torch.full(..., finfo(dtype).min)``
+    without a dtype, so under torch's float32 default a float64 mask overflows (RuntimeError:
+    value cannot be converted to type float without overflow). Falcon with ALiBi builds that
+    mask even for an all-ones mask, so its float64 golden run cannot start. Building it under a
+    float64 default gives the mask the function means to build; float32 / half masks are
+    untouched. Only calls that raised before change. The suite installs it before a float64
+    load (running.load: an encoder-decoder's golden run builds that mask for every decoder, e.g.
+    BART on 4.48) and the replays at start. Returns whether the guard was installed."""
+    try:
+        import torch
+        from transformers.modeling_attn_mask_utils import AttentionMaskConverter
+    except ImportError:
+        return False
+    original = AttentionMaskConverter.__dict__.get("_make_causal_mask")
+    if original is None:
+        return False
+    inner = original.__func__ if isinstance(original, staticmethod) else original
+    if getattr(inner, "_conformance_guard", False):
+        return False
+
+    def guarded(input_ids_shape: Any, dtype: Any, device: Any, *args: Any, **kwargs: Any) -> Any:
+        if dtype != torch.float64 or torch.get_default_dtype() == torch.float64:
+            return inner(input_ids_shape, dtype, device, *args, **kwargs)
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            return inner(input_ids_shape, dtype, device, *args, **kwargs)
+        finally:
+            torch.set_default_dtype(before)
+
+    guarded._conformance_guard = True  # type: ignore[attr-defined]
+    AttentionMaskConverter._make_causal_mask = staticmethod(guarded)
+    return True

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from conformance.checkpoints import checkpoint_problem
-from conformance.compat import dtype_kwarg, eager_experts, parse_dtype
+from conformance.compat import dtype_kwarg, eager_experts, float64_causal_mask, parse_dtype
 from conformance.probes import OpCounter, routing_watched
 from conformance.sharing import SharedVersions, changed
 from conformance.sizing import GoldenChoice, available_memory, golden_choice, parameter_count
@@ -70,6 +70,7 @@ def _load(zoo_model: ZooModel, variant: Variant, dtype: str, device: str, workdi
         kwargs = {**dtype_kwarg(torch_dtype), **variant.load_kwargs(torch_dtype)}
         if dtype == "fp64":  # 5.x's default experts kernel (grouped_mm) refuses float64
             kwargs = {**eager_experts(), **kwargs}
+            float64_causal_mask()  # 4.x builds a float64 causal mask under a float32 default
         if variant.place_with_device_map:
             kwargs.setdefault("device_map", {"": device})  # a round-trip may reload under another map
         if variant.loader is not None:  # a path with its own loading (an ONNX export): it places
@@ -146,6 +147,8 @@ def call_model(loaded: Loaded, inputs: dict[str, Any], counter: OpCounter | None
 
     from conformance.timing import forward_phase
 
+    if loaded.zoo.kind == "seq2seq":
+        inputs = with_decoder_inputs(loaded, inputs)
     with forward_phase(loaded, counter is not None), torch.inference_mode(), loaded.variant.context(), \
             routing_watched(counter, loaded.model), counter or contextlib.nullcontext():
         out = loaded.model(**inputs)
@@ -158,15 +161,41 @@ def call_model(loaded: Loaded, inputs: dict[str, Any], counter: OpCounter | None
     return out
 
 
+# an encoder-decoder's decoder tokens at a position: a fixed map of the encoder token there
+DECODER_TOKEN_STRIDE, DECODER_TOKEN_OFFSET = 7, 11
+
+
+def with_decoder_inputs(loaded: Loaded, inputs: dict[str, Any]) -> dict[str, Any]:
+    """An encoder-decoder's call: the encoder inputs as given, and decoder inputs of the same
+    lengths, padding side and mask, their tokens a fixed map of the encoder's token at each
+    position (a row's decoder tokens are the same alone and padded, so every check's batch, its
+    mask and its real positions serve both sides). Inputs that already carry decoder ids, or
+    are not token ids (a cache step), pass through."""
+    if "decoder_input_ids" in inputs or "input_ids" not in inputs:
+        return inputs
+    from conformance.strategies import FIRST_TOKEN
+
+    ids = inputs["input_ids"]
+    span = loaded.vocab_size - FIRST_TOKEN
+    decoder = FIRST_TOKEN + (ids * DECODER_TOKEN_STRIDE + DECODER_TOKEN_OFFSET) % span
+    mask = inputs.get("attention_mask")
+    out = dict(inputs)
+    if mask is not None:
+        decoder = decoder.where(mask.bool(), loaded.pad_id)
+        out["decoder_attention_mask"] = mask
+    out["decoder_input_ids"] = decoder
+    return out
+
+
 def main_output(loaded: Loaded, out: Any) -> Any:
-    """Logits (decoders) or the last hidden state (encoders) of an output object or tuple, as
-    float64 on CPU."""
+    """Logits (decoders, encoder-decoders: the decoder's) or the last hidden state (encoders) of
+    an output object or tuple, as float64 on CPU."""
     import torch
 
     if isinstance(out, tuple):
         tensor = out[0]
     else:
-        tensor = out.logits if loaded.zoo.kind == "decoder" else out.last_hidden_state
+        tensor = out.last_hidden_state if loaded.zoo.kind == "encoder" else out.logits
     return tensor.detach().to("cpu", torch.float64)
 
 

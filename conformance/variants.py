@@ -20,7 +20,10 @@ from conformance.fa4 import EntryProof
 from conformance.needs import CURRENT_STACK, GPU_RUNNER, LEGACY_STACK, Needs
 from conformance.probes import Proof
 
-KINDS = frozenset({"decoder", "encoder"})
+KINDS = frozenset({"decoder", "encoder", "seq2seq"})
+# the kinds a record takes unless it says otherwise: an encoder-decoder (seq2seq) is opt-in, per
+# record, for the paths verified on it (eager and the SDPA backends so far)
+DEFAULT_KINDS = frozenset({"decoder", "encoder"})
 KERNEL_CLASS = "kernel"  # the tolerance rule of every path that must compute the same function
 HALF = frozenset({"fp16", "bf16"})
 
@@ -66,7 +69,7 @@ class Variant:
     context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
     proof: Mapping[str, Proof] = field(default_factory=dict)  # model kind -> proof
     tolerance: str = KERNEL_CLASS  # or a quantization scheme of tolerances.QUANT
-    kinds: frozenset[str] = KINDS
+    kinds: frozenset[str] = DEFAULT_KINDS
     place_with_device_map: bool = False  # quantized loads place weights at load time
     reference: bool = False
     # load errors that are the library's documented refusal for this model: a skip, not a failure
@@ -137,7 +140,8 @@ def _forced(backend: str) -> Callable[[], contextlib.AbstractContextManager[Any]
 
 
 def _both(proof: Proof) -> dict[str, Proof]:
-    return {"decoder": proof, "encoder": proof}
+    """The same proof on every kind of model (the kinds a record takes are its `kinds`)."""
+    return dict.fromkeys(sorted(KINDS), proof)
 
 
 def _bnb(compute: str | None = None, attn: str = "eager", **config: Any) -> Callable[[Any], dict[str, Any]]:
@@ -323,7 +327,7 @@ def _compiled(vid: str, summary: str, needs: Needs, max_graph_breaks: int = 0,
         post_load=compiled.compile_forward(**compile_args),
         proof=_both(compiled.CompiledProof(max_graph_breaks=max_graph_breaks, what=summary)),
         refusals=(compiled.STATIC_REFUSAL,),
-        kinds=frozenset({"decoder"}) if compile_args.get("static_cache") else KINDS,
+        kinds=frozenset({"decoder"}) if compile_args.get("static_cache") else DEFAULT_KINDS,
     )
 
 
@@ -333,7 +337,7 @@ def _forced_sdpa(vid: str, claims: tuple[str, ...], summary: str,
     """An SDPA model whose forward runs with one backend forced; its proof names that kernel, so a
     silent fallback to another backend fails (C08)."""
     return Variant(vid, claims, summary, needs=needs or Needs(), refusals=NO_SUCH_IMPLEMENTATION,
-                   load_kwargs=_attn("sdpa"), context=context, proof=_both(proof))
+                   load_kwargs=_attn("sdpa"), context=context, proof=_both(proof), kinds=KINDS)
 
 
 FA2_NEEDS = dict(
@@ -520,6 +524,7 @@ REGISTRY: dict[str, Variant] = {
             load_kwargs=_attn("eager"),
             proof=_both(EAGER_PROOF),
             reference=True,
+            kinds=KINDS,
         ),
         Variant(
             "sdpa",
@@ -528,6 +533,7 @@ REGISTRY: dict[str, Variant] = {
             load_kwargs=_attn("sdpa"),
             refusals=NO_SUCH_IMPLEMENTATION,
             proof=_both(SDPA_PROOF),
+            kinds=KINDS,
         ),
         *FORCED_SDPA.values(),
         _forced_sdpa("sdp_kernel_flash", ("C08", "C09"),

@@ -23,6 +23,9 @@ DECODER_TYPES = frozenset({
 ENCODER_TYPES = frozenset({
     "bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "camembert",
 })
+# encoder-decoders with a language-model head (AutoModelForSeq2SeqLM) fed token ids on both sides
+SEQ2SEQ_TYPES = frozenset({"t5", "mt5", "bart", "mbart"})
+KIND_TYPES = {"decoder": DECODER_TYPES, "encoder": ENCODER_TYPES, "seq2seq": SEQ2SEQ_TYPES}
 INIT_SEED = 20231120
 
 
@@ -33,7 +36,7 @@ class ZooError(Exception):
 @dataclass(frozen=True)
 class ZooModel:
     name: str  # the id used in test ids
-    kind: str  # "decoder" | "encoder"
+    kind: str  # "decoder" | "encoder" | "seq2seq" (KIND_TYPES)
     source: str  # "config" | "checkpoint" | "package" | "user"
     location: str  # config file, checkpoint directory, or hub id
     why: str = ""
@@ -70,8 +73,8 @@ def fixtures_dir() -> Path:
 
 # Kinds the suite does not run (yet), named so that a user's --model of one is told what it is.
 OTHER_KINDS = {
-    "encoder-decoder": frozenset({"t5", "mt5", "umt5", "bart", "mbart", "pegasus", "marian",
-                                  "whisper", "longt5", "led", "prophetnet", "blenderbot"}),
+    "encoder-decoder": frozenset({"umt5", "pegasus", "marian", "whisper", "longt5", "led",
+                                  "prophetnet", "blenderbot"}),
     "vision": frozenset({"vit", "deit", "beit", "swin", "convnext", "resnet", "dinov2", "siglip",
                          "clip_vision_model", "mobilevit", "segformer", "detr", "yolos"}),
     "audio": frozenset({"wav2vec2", "hubert", "wavlm", "audio-spectrogram-transformer", "clap"}),
@@ -93,15 +96,14 @@ def other_kind(model_type: str, config: dict[str, Any]) -> str:
 
 
 def kind_of(model_type: str, where: str, config: dict[str, Any] | None = None) -> str:
-    if model_type in DECODER_TYPES:
-        return "decoder"
-    if model_type in ENCODER_TYPES:
-        return "encoder"
+    for kind, types in KIND_TYPES.items():
+        if model_type in types:
+            return kind
     kind = other_kind(model_type, config or {})
+    supported = ", ".join(f"{name} ({', '.join(sorted(types))})" for name, types in KIND_TYPES.items())
     raise ZooError(
         f"{where}: architecture {model_type!r} is not one the suite knows how to run (kind: {kind}; "
-        f"kinds supported: decoder ({', '.join(sorted(DECODER_TYPES))}), encoder "
-        f"({', '.join(sorted(ENCODER_TYPES))}))"
+        f"kinds supported: {supported})"
     )
 
 
@@ -260,6 +262,6 @@ def seeded_init(module: Any, std: float) -> None:
 
 
 def auto_class(kind: str) -> Any:
-    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    return AutoModelForCausalLM if kind == "decoder" else AutoModel
+    return {"decoder": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}.get(kind, AutoModel)

@@ -62,7 +62,7 @@ def _sliding_window_dropped_sdpa() -> None:
 
 
 ZOO_ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "opt", "falcon", "bert",
-                     "roberta", "distilbert")
+                     "roberta", "distilbert", "t5", "bart")
 
 
 def _rebind_in_models(name: str, function: Callable[..., Any]) -> None:
@@ -103,6 +103,24 @@ def _bidirectional_padding_dropped_sdpa() -> None:
     @functools.wraps(original)
     def create(config: Any, *args: Any, **kwargs: Any) -> Any:
         if getattr(config, "_attn_implementation", None) == "sdpa":
+            kwargs["attention_mask"] = None
+        return original(config, *args, **kwargs)
+
+    masking.create_bidirectional_mask = create
+    _rebind_in_models("create_bidirectional_mask", create)
+
+
+def _cross_attention_padding_dropped_sdpa() -> None:
+    """Encoder-decoders under SDPA: the cross-attention mask (the bidirectional builder called with
+    the encoder's states) drops the encoder's padding, so decoder queries read padded encoder
+    positions; the encoder's own self-attention keeps its mask."""
+    masking = _masking()
+    original = masking.create_bidirectional_mask
+
+    @functools.wraps(original)
+    def create(config: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(config, "_attn_implementation", None) == "sdpa" \
+                and kwargs.get("encoder_hidden_states") is not None:
             kwargs["attention_mask"] = None
         return original(config, *args, **kwargs)
 
@@ -239,6 +257,7 @@ PLANT: dict[str, Callable[[], None]] = {
     "sliding_window_dropped_sdpa": _sliding_window_dropped_sdpa,
     "sdpa_skips_padding_mask": _sdpa_skips_padding_mask,
     "bidirectional_padding_dropped_sdpa": _bidirectional_padding_dropped_sdpa,
+    "cross_attention_padding_dropped_sdpa": _cross_attention_padding_dropped_sdpa,
     "cached_chunk_causal_dropped": _cached_chunk_causal_dropped,
     "fully_masked_repair_wrong_axis": _fully_masked_repair_wrong_axis,
     "static_cache_wrong_slot": _static_cache_wrong_slot,
@@ -258,6 +277,9 @@ FAULTS: list[IntegrationFault] = [
     IntegrationFault("bidirectional_padding_dropped_sdpa", "bert", "sdpa", "fp32", "logits",
                      "pad_right", "max|variant - golden|",
                      "encoders under SDPA lose their padding mask"),
+    IntegrationFault("cross_attention_padding_dropped_sdpa", "bart", "sdpa", "fp32", "logits",
+                     "pad_right", "max|variant - golden|",
+                     "encoder-decoders under SDPA: cross-attention ignores the encoder's padding mask"),
     IntegrationFault("cached_chunk_causal_dropped", "llama", "sdpa", "fp32", "cache_consistency",
                      "dynamic", "cache decoding in chunks",
                      "a multi-token cached step gets no causal part"),

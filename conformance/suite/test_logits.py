@@ -22,9 +22,10 @@ from conformance.checks import (
 )
 from conformance.running import ModelCache
 from conformance.strategies import BatchSpec, batch_specs
+from conformance.variants import KINDS
 
 
-@pytest.mark.cases(paddings=("none", "right", "left"))
+@pytest.mark.cases(paddings=("none", "right", "left"), kinds=KINDS)
 def test_logits(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
     variant, reference, golden = load_or_fail(model_cache, case)
     dtype_honoured(variant)

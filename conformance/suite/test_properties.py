@@ -40,7 +40,7 @@ from conformance.running import (
     run_inputs,
 )
 from conformance.strategies import BatchSpec, batch_specs, pad_rows
-from conformance.variants import REFERENCE, REGISTRY
+from conformance.variants import KINDS, REFERENCE, REGISTRY
 
 DECODERS = frozenset({"decoder"})
 
@@ -148,7 +148,7 @@ def _alone(variant: Loaded, batch: BatchSpec) -> Any:
     return unrefused(variant, lambda: forward_per_row(variant, canonical))[canonical.mask().bool()]
 
 
-@pytest.mark.cases()
+@pytest.mark.cases(kinds=KINDS)
 def test_padding_invariance(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
     """A sequence's outputs on its real tokens are the same alone, right- and left-padded."""
     variant, longest, noise, scale = _setup(model_cache, case)
@@ -182,7 +182,7 @@ def _sides(case: Case) -> tuple[str, ...]:
     return ("right", "left") if case.model.kind == "decoder" else ("right",)
 
 
-@pytest.mark.cases()
+@pytest.mark.cases(kinds=KINDS)
 def test_batch_invariance(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
     """A row's outputs do not depend on the other rows: their order, lengths and number."""
     variant, longest, noise, scale = _setup(model_cache, case)
@@ -222,7 +222,7 @@ def _padded_forward(loaded: Loaded, rows: list[Any], side: str, width: int, fill
     return forward_ids(loaded, input_ids, mask)
 
 
-@pytest.mark.cases()
+@pytest.mark.cases(kinds=KINDS)
 def test_mask_equivalence(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
     """An all-ones attention mask gives the outputs of no mask at all."""
     variant, longest, noise, scale = _setup(model_cache, case)
@@ -405,7 +405,7 @@ def test_fully_padded_and_tiny(case: Case, model_cache: ModelCache, metrics: dic
     routing.skip_if_nothing_judged(metrics, case.dtype, case.model.name)
 
 
-@pytest.mark.cases()
+@pytest.mark.cases(kinds=KINDS)
 def test_determinism(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
     """The same input twice in one process gives bitwise-equal outputs (no path under test is
     non-deterministic in its forward: fused attention's non-determinism is in its backward)."""
