@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conformance import compat
-
 SUITE_EXCEPTIONS = re.compile(r"\b(AttributeError|TypeError|ImportError|ModuleNotFoundError|NameError)\b")
 # the first measured figure of a failure message: "max|difference| = 0.174 > bound ..."
 FIGURE = re.compile(r"=\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|inf|nan)\s*>")
@@ -251,7 +249,40 @@ def pytest_configure(config: object) -> None:
     float64_causal_mask()
 
 
-float64_causal_mask = compat.float64_causal_mask  # the guard lives in compat; replays install it at start
+def float64_causal_mask() -> bool:
+    """Let transformers 4.x build a float64 causal mask (the golden run's dtype).
+
+    ``AttentionMaskConverter._make_causal_mask`` fills ``torch.full(..., finfo(dtype).min)``
+    without a dtype, so under torch's float32 default a float64 mask overflows (RuntimeError:
+    value cannot be converted to type float without overflow). Falcon with ALiBi builds that
+    mask even for an all-ones mask, so its float64 golden run cannot start. Building it under a
+    float64 default gives the mask the function means to build; float32 / half masks are
+    untouched. Returns whether the guard was installed."""
+    try:
+        import torch
+        from transformers.modeling_attn_mask_utils import AttentionMaskConverter
+    except ImportError:
+        return False
+    original = AttentionMaskConverter.__dict__.get("_make_causal_mask")
+    if original is None:
+        return False
+    inner = original.__func__ if isinstance(original, staticmethod) else original
+    if getattr(inner, "_conformance_guard", False):
+        return False
+
+    def guarded(input_ids_shape: Any, dtype: Any, device: Any, *args: Any, **kwargs: Any) -> Any:
+        if dtype != torch.float64 or torch.get_default_dtype() == torch.float64:
+            return inner(input_ids_shape, dtype, device, *args, **kwargs)
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            return inner(input_ids_shape, dtype, device, *args, **kwargs)
+        finally:
+            torch.set_default_dtype(before)
+
+    guarded._conformance_guard = True  # type: ignore[attr-defined]
+    AttentionMaskConverter._make_causal_mask = staticmethod(guarded)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from conformance.checkpoints import checkpoint_problem
-from conformance.compat import dtype_kwarg, eager_experts, float64_causal_mask, parse_dtype
+from conformance.compat import dtype_kwarg, eager_experts, parse_dtype
 from conformance.probes import OpCounter, routing_watched
 from conformance.sharing import SharedVersions, changed
 from conformance.sizing import GoldenChoice, available_memory, golden_choice, parameter_count
@@ -70,7 +72,6 @@ def _load(zoo_model: ZooModel, variant: Variant, dtype: str, device: str, workdi
         kwargs = {**dtype_kwarg(torch_dtype), **variant.load_kwargs(torch_dtype)}
         if dtype == "fp64":  # 5.x's default experts kernel (grouped_mm) refuses float64
             kwargs = {**eager_experts(), **kwargs}
-            float64_causal_mask()  # 4.x builds a float64 causal mask under a float32 default
         if variant.place_with_device_map:
             kwargs.setdefault("device_map", {"": device})  # a round-trip may reload under another map
         if variant.loader is not None:  # a path with its own loading (an ONNX export): it places
@@ -150,7 +151,8 @@ def call_model(loaded: Loaded, inputs: dict[str, Any], counter: OpCounter | None
     if loaded.zoo.kind == "seq2seq":
         inputs = with_decoder_inputs(loaded, inputs)
     with forward_phase(loaded, counter is not None), torch.inference_mode(), loaded.variant.context(), \
-            routing_watched(counter, loaded.model), counter or contextlib.nullcontext():
+            routing_watched(counter, loaded.model), counter or contextlib.nullcontext(), \
+            default_dtype_of(loaded):
         out = loaded.model(**inputs)
     if loaded.shared and (written := changed(loaded.shared)) is not None:
         import pytest
@@ -159,6 +161,27 @@ def call_model(loaded: Loaded, inputs: dict[str, Any], counter: OpCounter | None
                     f"{loaded.zoo.name}, was written in place since it was built (conformance/"
                     "sharing.py): the reference it is judged against has changed", pytrace=False)
     return out
+
+
+@contextmanager
+def default_dtype_of(loaded: Loaded) -> Iterator[None]:
+    """A float64 encoder-decoder runs under torch's float64 default. transformers 4.x builds every
+    decoder's causal mask with ``torch.full(..., finfo(float64).min)`` and no dtype, which
+    overflows under the float32 default (measured: BART on 4.48.3, "value cannot be converted
+    to type float without overflow"), so its golden run could not start; decoders avoid it by
+    running each row without a mask. Only float64 seq2seq forwards change: any other model, and
+    a variant's forward in its own dtype, keep the default as it is."""
+    import torch
+
+    if loaded.zoo.kind != "seq2seq" or loaded.dtype != "fp64":
+        yield
+        return
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 # an encoder-decoder's decoder tokens at a position: a fixed map of the encoder token there

@@ -28,6 +28,7 @@ from conformance.checks import (
 )
 from conformance.running import ModelCache
 from conformance.strategies import BatchSpec, batch_specs
+from conformance.variants import KINDS
 
 
 def runs_in_float64(variant: Any) -> bool:
@@ -52,7 +53,8 @@ def fewer_examples() -> settings:
     return settings(max_examples=max(2, settings.default.max_examples // 2))
 
 
-@pytest.mark.cases(paddings=("right", "left"), dtypes=("fp64",), variant_filter=runs_in_float64)
+@pytest.mark.cases(paddings=("right", "left"), dtypes=("fp64",), variant_filter=runs_in_float64,
+                   kinds=KINDS)
 def test_float64_agreement(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
     variant, golden = load_or_fail_in(model_cache, case, "fp64")
     ulps = tolerances.float64_agreement_ulps(case.variant.id)

@@ -25,7 +25,7 @@ from conformance.cases import Case
 from conformance.checks import attempt, golden_outputs, load_or_fail, load_or_skip, run_proven
 from conformance.running import Loaded, LoadError, ModelCache, forward, load
 from conformance.strategies import BatchSpec
-from conformance.variants import NO_SUCH_IMPLEMENTATION, REFERENCE, REGISTRY, Variant
+from conformance.variants import KINDS, NO_SUCH_IMPLEMENTATION, REFERENCE, REGISTRY, Variant
 from conformance.zoo import ZooModel
 
 # one padded batch: every round-trip compares outputs on it (row lengths need no kernel tile)
@@ -156,7 +156,7 @@ def _save_refusal(model: Any, path: Path) -> str:
 # --- C16: plain save / load ----------------------------------------------------------------------
 
 
-@pytest.mark.cases(claims=("C16",), variant_filter=_plain)
+@pytest.mark.cases(claims=("C16",), variant_filter=_plain, kinds=KINDS)
 def test_save_load(case: Case, model_cache: ModelCache, metrics: dict[str, Any], scratch: Path) -> None:
     """safetensors and sharded checkpoints reload bitwise (state, tied head, dtype via
     dtype="auto", outputs); the sharded one, reloaded under another attention implementation,
