@@ -79,7 +79,8 @@ def test_every_variant_names_claims_and_a_known_tolerance() -> None:
     ({"claims": ("C99",)}, "unknown claim ids ['C99']"),
     ({"tolerance": "int3"}, "tolerance 'int3' is neither 'kernel' nor a scheme"),
     ({"kinds": frozenset({"decoder", "vision"})}, "must be model kinds"),
-    ({"proof": {"decoder": variants.SDPA_PROOF}}, "no proof that its path ran on ['encoder', 'seq2seq'] models"),
+    ({"proof": {"decoder": variants.SDPA_PROOF}},
+     "no proof that its path ran on ['encoder', 'seq2seq'] models"),
 ])
 def test_a_record_is_checked_where_it_is_declared(changes: dict, says: str) -> None:
     """Variant.__post_init__: a typo in a record is an error naming it, at import (the whole
