@@ -1,4 +1,5 @@
-"""Decoder runs beyond one forward: cached incremental decoding, packed inputs, greedy generate.
+"""Decoder (and encoder-decoder) runs beyond one forward: cached incremental decoding, packed
+inputs, greedy generate.
 
 Each returns float64 CPU tensors laid out like a plain forward over the same padded batch, so
 the properties compare them position by position on real tokens.
@@ -19,6 +20,9 @@ CACHE_KINDS = ("dynamic", "static")
 def static_cache_reason(loaded: Loaded) -> str | None:
     """Why this model cannot take a static cache here, or None."""
     model = loaded.model
+    if loaded.zoo.kind == "seq2seq":
+        return ("a static cache for encoder-decoders (an EncoderDecoderCache of two StaticCaches) "
+                "is not covered yet: the dynamic EncoderDecoderCache is")
     supported = getattr(model, "_supports_static_cache", None)  # transformers < 4.50 spelling
     if supported is None and callable(getattr(model, "_setup_cache", None)):
         supported = True  # transformers 4.38 .. 4.40: generate's own test for a static cache
@@ -63,6 +67,8 @@ def incremental(loaded: Loaded, input_ids: Any, mask: Any, chunks: list[int], ca
     import torch
 
     assert sum(chunks) == input_ids.shape[1], (chunks, input_ids.shape)
+    if loaded.zoo.kind == "seq2seq":
+        return _incremental_seq2seq(loaded, input_ids, mask, chunks)
     device = loaded.device
     input_ids, mask = input_ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -82,6 +88,40 @@ def incremental(loaded: Loaded, input_ids: Any, mask: Any, chunks: list[int], ca
                 inputs["cache_position"] = torch.arange(start, end, device=device)
             out = loaded.model(**inputs)
             cache = out.past_key_values
+            outs.append(out.logits.detach().to("cpu", torch.float64))
+            start = end
+    return torch.cat(outs, dim=1)
+
+
+def _incremental_seq2seq(loaded: Loaded, input_ids: Any, mask: Any, chunks: list[int]) -> Any:
+    """An encoder-decoder decoded as generate does: the encoder once, at the prefill; every later
+    chunk gets its states back (`encoder_outputs`) and the cache, which holds the decoder's
+    self-attention keys and values and the cross-attention ones computed at the prefill
+    (EncoderDecoderCache). The decoder's tokens and mask are `running.with_decoder_inputs`'."""
+    import torch
+
+    from conformance.running import with_decoder_inputs
+
+    device = loaded.device
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    both = with_decoder_inputs(loaded, {"input_ids": input_ids, "attention_mask": mask})
+    decoder_ids, decoder_mask = both["decoder_input_ids"], both["decoder_attention_mask"]
+    cache: Any = None
+    encoder: Any = None
+    outs, start = [], 0
+    with forward_phase(loaded), torch.inference_mode(), loaded.variant.context():
+        for size in chunks:
+            end = start + size
+            inputs: dict[str, Any] = {
+                "attention_mask": mask, "decoder_input_ids": decoder_ids[:, start:end],
+                "decoder_attention_mask": decoder_mask[:, :end], "use_cache": True,
+            }
+            if encoder is None:
+                inputs["input_ids"] = input_ids
+            else:
+                inputs.update(encoder_outputs=(encoder,), past_key_values=cache)
+            out = loaded.model(**inputs)
+            cache, encoder = out.past_key_values, out.encoder_last_hidden_state
             outs.append(out.logits.detach().to("cpu", torch.float64))
             start = end
     return torch.cat(outs, dim=1)
@@ -128,9 +168,11 @@ def full_with_cache_off(loaded: Loaded, input_ids: Any, mask: Any) -> Any:
     """The same tokens in one forward, no cache: what every cached decoding must reproduce."""
     import torch
 
-    from conformance.running import plain_inputs
+    from conformance.running import plain_inputs, with_decoder_inputs
 
     inputs = plain_inputs(loaded, input_ids, mask)
+    if loaded.zoo.kind == "seq2seq":
+        inputs = with_decoder_inputs(loaded, inputs)
     with forward_phase(loaded), torch.inference_mode(), loaded.variant.context():
         out = loaded.model(**inputs, use_cache=False)
     return out.logits.detach().to("cpu", torch.float64)

@@ -184,6 +184,50 @@ def _static_cache_wrong_slot() -> None:
     cache_utils.StaticLayer.update = update
 
 
+def _cross_attention_cache_stale_layer() -> None:
+    """An encoder-decoder's cross-attention cache, once every layer holds its keys and values,
+    hands each layer the entry of the layer before it: the prefill is right (each layer computes
+    its own), every cached step reads another layer's stale cross-attention keys and values."""
+    from transformers import cache_utils
+
+    class StaleAfterPrefill(list):
+        def __init__(self, items: Any, owner: Any) -> None:
+            super().__init__(items)
+            self.owner = owner
+
+        def __getitem__(self, index: Any) -> Any:
+            if isinstance(index, int) and index > 0 and len(self) > 1 \
+                    and all(self.owner.is_updated.get(i) for i in range(len(self))):
+                index -= 1
+            return super().__getitem__(index)
+
+    original = cache_utils.EncoderDecoderCache.__init__
+
+    @functools.wraps(original)
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        cross = self.cross_attention_cache
+        cross.layers = StaleAfterPrefill(cross.layers, self)
+
+    cache_utils.EncoderDecoderCache.__init__ = init
+
+
+def _decoder_positions_shifted() -> None:
+    """An encoder-decoder's cache reports one token more than it holds once it holds any: the
+    decoder's absolute positions (BART's, from the cache length) shift by one on every cached
+    step; a forward without a cache, or its prefill, is right."""
+    from transformers import cache_utils
+
+    original = cache_utils.EncoderDecoderCache.get_seq_length
+
+    @functools.wraps(original)
+    def get_seq_length(self: Any, *args: Any, **kwargs: Any) -> int:
+        held = original(self, *args, **kwargs)
+        return held + 1 if held else held
+
+    cache_utils.EncoderDecoderCache.get_seq_length = get_seq_length
+
+
 def _generate_positions_stuck() -> None:
     """generate's per-step input update repeats the last position instead of advancing it: every
     decoding step after the first sees a stale RoPE position."""
@@ -262,6 +306,8 @@ PLANT: dict[str, Callable[[], None]] = {
     "fully_masked_repair_wrong_axis": _fully_masked_repair_wrong_axis,
     "static_cache_wrong_slot": _static_cache_wrong_slot,
     "generate_positions_stuck": _generate_positions_stuck,
+    "cross_attention_cache_stale_layer": _cross_attention_cache_stale_layer,
+    "decoder_positions_shifted": _decoder_positions_shifted,
     "eager_mask_drops_padding": _eager_mask_drops_padding,
     "sdpa_unmasked_not_causal": _sdpa_unmasked_not_causal,
     "experts_kernel_next_expert": _experts_kernel_next_expert,
@@ -292,6 +338,14 @@ FAULTS: list[IntegrationFault] = [
     IntegrationFault("generate_positions_stuck", "tiny-llama-trained", "sdpa", "fp32", "generation",
                      "", "where the golden run (eager float64",
                      "generate repeats the last position id instead of advancing it"),
+    IntegrationFault("cross_attention_cache_stale_layer", "t5", "eager", "fp32", "cache_consistency",
+                     "dynamic", "cache decoding in chunks",
+                     "encoder-decoder cache: cached steps read another layer's stale cross-attention "
+                     "keys and values"),
+    IntegrationFault("decoder_positions_shifted", "bart", "sdpa", "fp32", "cache_consistency",
+                     "dynamic", "cache decoding in chunks",
+                     "encoder-decoder cache reports one token too many: decoder positions shift by "
+                     "one on cached steps"),
     IntegrationFault("eager_mask_drops_padding", "llama", "eager", "fp32", "logits", "pad_left",
                      "REF failure",
                      "the eager mask builder drops the padding mask (the plain path is wrong)"),

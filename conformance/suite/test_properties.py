@@ -309,7 +309,7 @@ def _chunks(width: int, data: st.DataObject) -> list[int]:
 
 
 @pytest.mark.parametrize("cache_kind", decoding.CACHE_KINDS)
-@pytest.mark.cases(kinds=DECODERS)
+@pytest.mark.cases(kinds=DECODERS | {"seq2seq"})
 def test_cache_consistency(case: Case, cache_kind: str, model_cache: ModelCache,
                            metrics: dict[str, Any]) -> None:
     """Decoding through the KV cache, in a multi-token chunk then token by token, gives the logits
