@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,8 +149,7 @@ def call_model(loaded: Loaded, inputs: dict[str, Any], counter: OpCounter | None
     if loaded.zoo.kind == "seq2seq":
         inputs = with_decoder_inputs(loaded, inputs)
     with forward_phase(loaded, counter is not None), torch.inference_mode(), loaded.variant.context(), \
-            routing_watched(counter, loaded.model), counter or contextlib.nullcontext(), \
-            default_dtype_of(loaded):
+            routing_watched(counter, loaded.model), counter or contextlib.nullcontext():
         out = loaded.model(**inputs)
     if loaded.shared and (written := changed(loaded.shared)) is not None:
         import pytest
@@ -161,27 +158,6 @@ def call_model(loaded: Loaded, inputs: dict[str, Any], counter: OpCounter | None
                     f"{loaded.zoo.name}, was written in place since it was built (conformance/"
                     "sharing.py): the reference it is judged against has changed", pytrace=False)
     return out
-
-
-@contextmanager
-def default_dtype_of(loaded: Loaded) -> Iterator[None]:
-    """A float64 encoder-decoder runs under torch's float64 default. transformers 4.x builds every
-    decoder's causal mask with ``torch.full(..., finfo(float64).min)`` and no dtype, which
-    overflows under the float32 default (measured: BART on 4.48.3, "value cannot be converted
-    to type float without overflow"), so its golden run could not start; decoders avoid it by
-    running each row without a mask. Only float64 seq2seq forwards change: any other model, and
-    a variant's forward in its own dtype, keep the default as it is."""
-    import torch
-
-    if loaded.zoo.kind != "seq2seq" or loaded.dtype != "fp64":
-        yield
-        return
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
 
 
 # an encoder-decoder's decoder tokens at a position: a fixed map of the encoder token there

@@ -228,6 +228,10 @@ BT_PROOFS = {
         what="nn.TransformerEncoderLayer fast path",
     ),
     "decoder": Proof(SDPA_OPS, forbid=EAGER_SOFTMAX, what="BetterTransformer's SDPA attention"),
+    # measured on 4.48.3 / optimum 1.27: BART's encoder layers become the fast path (2 calls), its
+    # decoder attention SDPA (4); T5's attention layers all SDPA (6); no eager softmax left
+    "seq2seq": Proof(("aten::_transformer_encoder_layer_fwd",) + SDPA_OPS, forbid=EAGER_SOFTMAX,
+                     what="BetterTransformer's encoder fast path and SDPA attention"),
 }
 
 # transformers 4.48 rejects bitsandbytes on a CPU-only machine (its multi-backend check fails);
@@ -578,6 +582,7 @@ REGISTRY: dict[str, Variant] = {
             post_load=_to_bettertransformer,
             reverse=_reverse_bettertransformer,
             proof=BT_PROOFS,
+            kinds=KINDS,
             refusals=BT_REFUSALS,
             # the nested-tensor encoder fast path takes right padding only
             input_refusals=("Mask must be left-aligned without gaps",),

@@ -102,7 +102,7 @@ def _same_outputs(case: Case, step: str, expected: Any, found: Any, metrics: dic
 # --- C07: BetterTransformer and back ------------------------------------------------------------
 
 
-@pytest.mark.cases(claims=("C07",), variant_filter=_reversible)
+@pytest.mark.cases(claims=("C07",), variant_filter=_reversible, kinds=KINDS)
 def test_bettertransformer_roundtrip(
     case: Case, model_cache: ModelCache, metrics: dict[str, Any], scratch: Path
 ) -> None:
