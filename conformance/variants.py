@@ -588,14 +588,14 @@ REGISTRY: dict[str, Variant] = {
             input_refusals=("Mask must be left-aligned without gaps",),
         ),
         _quantized("bnb_int8", "bitsandbytes LLM.int8 via BitsAndBytesConfig(load_in_8bit=True)",
-                   BNB_NEEDS, _bnb(load_in_8bit=True), "int8"),
+                   BNB_NEEDS, _bnb(load_in_8bit=True), "int8", kinds=KINDS),
         _quantized("bnb_nf4", "bitsandbytes 4-bit NormalFloat, compute dtype = run dtype",
-                   BNB_NEEDS, _bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4"), "nf4"),
+                   BNB_NEEDS, _bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4"), "nf4", kinds=KINDS),
         _quantized("bnb_fp4", "bitsandbytes 4-bit float, compute dtype = run dtype",
-                   BNB_NEEDS, _bnb(load_in_4bit=True, bnb_4bit_quant_type="fp4"), "fp4"),
+                   BNB_NEEDS, _bnb(load_in_4bit=True, bnb_4bit_quant_type="fp4"), "fp4", kinds=KINDS),
         _quantized("bnb_nf4_dq", "4-bit NormalFloat with double quantization of the scales",
                    BNB_NEEDS, _bnb(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                   bnb_4bit_use_double_quant=True), "nf4"),
+                                   bnb_4bit_use_double_quant=True), "nf4", kinds=KINDS),
         # the schemes' knobs (issue 6): each a variant id, not a loop inside a check; one dtype
         # per device (KNOB_NEEDS) keeps the default run fast: the knob is what they add
         _quantized("bnb_int8_no_outliers", "LLM.int8 with llm_int8_threshold=0.0: no 16-bit outlier "

@@ -14,7 +14,7 @@ from conformance import arithmetic, footprint, quality, tolerances
 from conformance.cases import Case
 from conformance.checks import load_golden, load_or_skip, unrefused
 from conformance.running import Loaded, LoadError, ModelCache, load
-from conformance.variants import REFERENCE, REGISTRY, Variant
+from conformance.variants import KINDS, REFERENCE, REGISTRY, Variant
 
 
 def _quantized(variant: Variant) -> bool:
@@ -48,7 +48,7 @@ def _scheme(case: Case) -> footprint.Scheme:
     return scheme
 
 
-@pytest.mark.cases(variant_filter=_quantized)
+@pytest.mark.cases(variant_filter=_quantized, kinds=KINDS)
 def test_quantized_footprint(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
     """get_memory_footprint() and the quantization state equal the bytes computed from the
     full-precision model's inventory; at least one layer is quantized, so memory shrinks."""
@@ -160,7 +160,7 @@ class _Bnb4bitInputs:
         self.mode = Mode()
 
 
-@pytest.mark.cases(variant_filter=_four_bit)
+@pytest.mark.cases(variant_filter=_four_bit, kinds=KINDS)
 def test_quantized_compute_dtype(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
     """bnb_4bit_compute_dtype is honoured: every Linear4bit holds it, the 4-bit ops receive
     their activations in it (not silently in the run dtype), and the layers' arithmetic keeps
@@ -238,7 +238,7 @@ BNB_PLANNED_SHARE = 0.90
 
 
 @pytest.mark.C12
-@pytest.mark.cases(variant_filter=lambda variant: variant.id in CAP_SCHEMES)
+@pytest.mark.cases(variant_filter=lambda variant: variant.id in CAP_SCHEMES, kinds=KINDS)
 def test_quantized_memory_cap(case: Case, model_cache: ModelCache, metrics: dict[str, Any],
                               tmp_path: Any) -> None:
     """C12 on one device: device_map="auto" with a max_memory cap the quantized model fits and

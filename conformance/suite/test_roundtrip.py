@@ -294,7 +294,7 @@ def _same_quantized(case: Case, step: str, fresh: Loaded, state: dict[str, Any],
            f"{footprint[1]} bytes (expected {footprint[0]})")
 
 
-@pytest.mark.cases(claims=("C16",), variant_filter=_quantized)
+@pytest.mark.cases(claims=("C16",), variant_filter=_quantized, kinds=KINDS)
 def test_quantized_save_load(
     case: Case, model_cache: ModelCache, metrics: dict[str, Any], scratch: Path
 ) -> None:
@@ -312,7 +312,7 @@ def test_quantized_save_load(
     _same_outputs(case, "reloaded", expected, forward(again, BATCH), metrics)
 
 
-@pytest.mark.cases(claims=("C16",), variant_filter=_quantized)
+@pytest.mark.cases(claims=("C16",), variant_filter=_quantized, kinds=KINDS)
 def test_quantized_save_after_use(
     case: Case, model_cache: ModelCache, metrics: dict[str, Any], scratch: Path
 ) -> None:
@@ -344,7 +344,7 @@ def _offloading(device: str, footprint: int, folder: Path) -> dict[str, Any]:
     return {"device_map": "auto", "max_memory": max_memory, "offload_folder": str(folder)}
 
 
-@pytest.mark.cases(claims=("C16",), variant_filter=_quantized)
+@pytest.mark.cases(claims=("C16",), variant_filter=_quantized, kinds=KINDS)
 def test_quantized_reload_offloaded(
     case: Case, model_cache: ModelCache, metrics: dict[str, Any], scratch: Path
 ) -> None:
