@@ -221,7 +221,8 @@ def greedy(loaded: Loaded, input_ids: Any, mask: Any, new_tokens: int) -> tuple[
     with torch.inference_mode(), loaded.variant.context(), _quiet():
         out = loaded.model.generate(input_ids.to(loaded.device), attention_mask=mask.to(loaded.device),
                                     **kwargs)
-    tokens = out.sequences[:, input_ids.shape[1]:].cpu()
+    # a decoder's sequences carry the prompt; an encoder-decoder's start with the decoder start token
+    tokens = out.sequences[:, 1 if loaded.zoo.kind == "seq2seq" else input_ids.shape[1]:].cpu()
     logits = torch.stack([step.detach().to("cpu", torch.float64) for step in out.logits], dim=1)
     return tokens, logits
 

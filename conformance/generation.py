@@ -14,7 +14,7 @@ from typing import Any
 
 from conformance import tolerances
 from conformance.compare import kernel_bound
-from conformance.running import Loaded, forward_ids
+from conformance.running import Loaded, forward_ids, run_inputs
 
 
 @dataclass(frozen=True)
@@ -46,20 +46,48 @@ def prompts(location: str, count_hint: int = 16) -> list[list[int]] | None:
     return [ids for ids in out if ids][:count_hint]
 
 
+@dataclass(frozen=True)
+class Seq2SeqPrefix:
+    """An encoder-decoder's prefix: the prompt the encoder reads and the tokens generated so far."""
+
+    prompt: Any
+    generated: Any
+
+
+def prefix_of(kind: str, prompt: Any, generated: Any) -> Any:
+    """What a next-token prediction conditions on: a decoder's prompt and tokens in one
+    sequence, an encoder-decoder's prompt (encoder) and tokens (decoder) apart."""
+    import torch
+
+    return Seq2SeqPrefix(prompt, generated) if kind == "seq2seq" else torch.cat([prompt, generated])
+
+
+def step_logits(loaded: Loaded, prefix: Any) -> Any:
+    """Logits [T, V] of each row-alone, unpadded, uncached step: a decoder's over its sequence;
+    an encoder-decoder's over the decoder start token and the generated tokens (the prediction
+    of generated token j at position j), the prompt in the encoder."""
+    import torch
+
+    if not isinstance(prefix, Seq2SeqPrefix):
+        return forward_ids(loaded, prefix[None], torch.ones_like(prefix)[None])[0]
+    start = torch.tensor([int(loaded.model.config.decoder_start_token_id)])
+    decoder = torch.cat([start, prefix.generated.to(torch.long)])[None]
+    inputs = {"input_ids": prefix.prompt[None], "attention_mask": torch.ones_like(prefix.prompt)[None],
+              "decoder_input_ids": decoder}
+    return run_inputs(loaded, {k: v.to(loaded.device) for k, v in inputs.items()})[0]
+
+
 def allowed_error(loaded: Loaded, reference: Loaded, golden: Loaded, prefix: Any) -> float:
     """The per-logit error `loaded` is allowed on the next-token logits after `prefix`.
 
     Kernel variants: K x the reference's measured error + floor (tolerances.KERNEL). Quantized
     variants: the scheme's relative-L2 bound times the RMS of the golden logits.
     """
-    import torch
-
-    ones = torch.ones_like(prefix)[None]
-    gold = forward_ids(golden, prefix[None], ones)[0, -1]
+    gold = step_logits(golden, prefix)[-1]
     if not loaded.variant.kernel_class:
         bound = tolerances.quant(loaded.variant.tolerance).max_rel_l2
         return bound * float(gold.pow(2).mean().sqrt())
-    plain = forward_ids(reference, prefix[None], ones)[0, -1]
+    plain = step_logits(reference, prefix)[-1]
     return kernel_allowed(plain, gold, loaded.dtype)
 
 
@@ -82,7 +110,6 @@ def golden_departures(
     as a near tie: the golden margin between its pick and the path's pick within 2 x the error
     the path is allowed there. Returns the first departure of each row and the steps compared.
     """
-    import torch
 
     found, compared = [], 0
     for row, prompt in enumerate(prompt_rows):
@@ -90,13 +117,13 @@ def golden_departures(
         if eos is not None:
             ends = (tokens[row] == eos).nonzero()
             steps = int(ends[0]) + 1 if len(ends) else steps
-        sequence = torch.cat([prompt, tokens[row, :steps]])[None]
-        ones = torch.ones_like(sequence)
-        start = len(prompt) - 1
-        gold = forward_ids(golden, sequence, ones)[0, start:start + steps]
+        seq2seq = loaded.zoo.kind == "seq2seq"
+        whole = prefix_of(loaded.zoo.kind, prompt, tokens[row, :steps])
+        start = 0 if seq2seq else len(prompt) - 1
+        gold = step_logits(golden, whole)[start:start + steps]
         plain = None
         if loaded.variant.kernel_class:
-            plain = forward_ids(reference, sequence, ones)[0, start:start + steps]
+            plain = step_logits(reference, whole)[start:start + steps]
         for step in range(steps):
             compared += 1
             got, want = int(tokens[row, step]), int(gold[step].argmax())
@@ -106,7 +133,8 @@ def golden_departures(
             if plain is not None:
                 threshold = 2 * kernel_allowed(plain[step], gold[step], loaded.dtype)
             else:
-                threshold = near_tie_threshold(loaded, reference, golden, sequence[0, :start + 1 + step])
+                threshold = near_tie_threshold(loaded, reference, golden,
+                                               prefix_of(loaded.zoo.kind, prompt, tokens[row, :step]))
             found.append(Divergence(row, step, want, got, margin, threshold))
             break
     return found, compared

@@ -4,7 +4,8 @@ Decoders: next-token distributions of the quantized model against the golden run
 model (float64 on CPU) over several windows of ``fixtures/text/corpus.txt``: mean KL divergence
 KL(golden || quantized), top-1 agreement, and the perplexity ratio. Encoders: cosine similarity
 of mean-pooled embeddings per sentence (worst and mean). Only real weights give meaningful
-figures: random-init models are not judged here.
+figures: random-init models are not judged here. Encoder-decoders are judged as decoders, on
+the decoder's predictions (teacher-forced) of the corpus window its encoder reads.
 """
 
 from __future__ import annotations
@@ -45,6 +46,31 @@ def decoder_inputs(location: str) -> Any:
     return torch.tensor([ids[i * stride:i * stride + WINDOW_TOKENS] for i in range(WINDOWS)])
 
 
+SOURCE_TOKENS, TARGET_TOKENS = 48, 32  # an encoder-decoder's window, and how much of it it writes
+
+
+@functools.lru_cache(maxsize=4)
+def seq2seq_inputs(location: str) -> dict[str, Any]:
+    """Encoder-decoders: WINDOWS windows of the corpus as encoder input, and as decoder input the
+    decoder start token then the window's first TARGET_TOKENS - 1 tokens (teacher forcing): the
+    trained seq2seq's task is to write what its encoder reads (fixtures/train_seq2seq.py), and
+    position j's logits predict decoder token j + 1, as a decoder's do (decoder_figures).
+    Memoized."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    start = json.loads((Path(location) / "config.json").read_text())["decoder_start_token_id"]
+    lines = tokenizer(location)(corpus().splitlines(), add_special_tokens=False)["input_ids"]
+    ids = [token for line in lines for token in line]
+    stride = (len(ids) - SOURCE_TOKENS) // (WINDOWS - 1)
+    windows = torch.tensor([ids[i * stride:i * stride + SOURCE_TOKENS] for i in range(WINDOWS)])
+    starts = torch.full((WINDOWS, 1), int(start), dtype=torch.long)
+    return {"input_ids": windows,
+            "decoder_input_ids": torch.cat([starts, windows[:, :TARGET_TOKENS - 1]], dim=1)}
+
+
 def sentences() -> list[str]:
     lines = [ln.strip() for ln in corpus().splitlines() if len(ln.strip()) >= MIN_SENTENCE_CHARS]
     return lines[:SENTENCES]
@@ -63,7 +89,7 @@ def run(loaded: Loaded, inputs: dict[str, Any]) -> Any:
     placed = {k: v.to(loaded.device) for k, v in inputs.items()}
     with torch.inference_mode(), loaded.variant.context():
         out = loaded.model(**placed)
-    tensor = out.logits if loaded.zoo.kind == "decoder" else out.last_hidden_state
+    tensor = out.last_hidden_state if loaded.zoo.kind == "encoder" else out.logits
     return tensor.detach().to("cpu", torch.float64)
 
 

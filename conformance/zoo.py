@@ -123,8 +123,10 @@ def default_zoo() -> list[ZooModel]:
     models = [*config_models("zoo"), *config_models("families")]
     for ckpt in sorted((root / "checkpoints").glob("*/config.json")):
         model_type = json.loads(ckpt.read_text())["model_type"]
-        models.append(ZooModel(ckpt.parent.name, kind_of(model_type, str(ckpt)), "checkpoint",
-                               str(ckpt.parent), "trained by fixtures/train_decoder.py", trained=True))
+        kind = kind_of(model_type, str(ckpt))
+        trainer = "train_seq2seq.py" if kind == "seq2seq" else "train_decoder.py"
+        models.append(ZooModel(ckpt.parent.name, kind, "checkpoint", str(ckpt.parent),
+                               f"trained by fixtures/{trainer}", trained=True))
     minilm = minilm_path()
     if minilm is not None:
         models.append(ZooModel("minilm", "encoder", "package", str(minilm),

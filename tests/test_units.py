@@ -229,6 +229,10 @@ def test_envelopes_are_twice_their_measurement() -> None:
     for dtype, worst in measured.items():
         assert 2 * worst <= tolerances.REFERENCE_ENVELOPE_ULPS[dtype] <= 2.5 * worst
     assert 2 * 15.3 <= tolerances.FLOAT64_AGREEMENT_ULPS["default"] <= 2.5 * 15.3
+    assert 2 * 68.2 <= tolerances.FLOAT64_AGREEMENT_ULPS["seq2seq"] <= 2.5 * 68.2
+    table = tolerances.FLOAT64_AGREEMENT_ULPS
+    assert tolerances.float64_agreement_ulps("sdpa", "seq2seq") == table["seq2seq"]
+    assert tolerances.float64_agreement_ulps("sdpa", "decoder") == table["default"]
 
 
 def test_golden_context_keeps_softmax_in_float64_and_restores_defaults() -> None:

@@ -57,7 +57,7 @@ def fewer_examples() -> settings:
                    kinds=KINDS)
 def test_float64_agreement(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
     variant, golden = load_or_fail_in(model_cache, case, "fp64")
-    ulps = tolerances.float64_agreement_ulps(case.variant.id)
+    ulps = tolerances.float64_agreement_ulps(case.variant.id, case.model.kind)
 
     @fewer_examples()
     @given(batch=batch_specs(padding=case.padding, max_len=max_len(variant, cap=65)))

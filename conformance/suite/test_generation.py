@@ -1,6 +1,7 @@
 """Generation equivalence (C03, C06, C08-C11 by variant): greedy `generate` of a variant on
 left-padded batches of the shipped prompts gives the reference's tokens, except at genuine near
-ties (conformance/generation.py). Runs on trained decoders only: random weights make greedy
+ties (conformance/generation.py); an encoder-decoder's prompts are its encoder input. Runs on
+trained models only: random weights make greedy
 decoding a coin toss, where every divergence is a near tie and the check could never fail."""
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from conformance.strategies import pad_rows
 NEW_TOKENS = 12
 
 
-@pytest.mark.cases(kinds=frozenset({"decoder"}), model_filter=lambda model: model.trained)
+@pytest.mark.cases(kinds=frozenset({"decoder", "seq2seq"}), model_filter=lambda model: model.trained)
 def test_generation(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
     import torch
 
@@ -36,13 +37,17 @@ def test_generation(case: Case, model_cache: ModelCache, metrics: dict[str, Any]
                           min_size=1, max_size=4))
     def check(picks: list[tuple[int, int]]) -> None:
         rows = [torch.tensor(corpus[i][:n]) for i, n in picks]
-        ids, mask = pad_rows(rows, "left", reference.pad_id)
-        note(f"prompts (index, truncated to): {picks}; left-padded to {ids.shape[1]}")
+        # a decoder generates after its prompt, so prompts pad on the left; an encoder-decoder's
+        # prompts are its encoder input, padded on the right as its tokenizer does (BART's
+        # absolute positions move with left padding by design)
+        side = "right" if case.model.kind == "seq2seq" else "left"
+        ids, mask = pad_rows(rows, side, reference.pad_id)
+        note(f"prompts (index, truncated to): {picks}; {side}-padded to {ids.shape[1]}")
         ref_tokens, ref_logits = decoding.greedy(reference, ids, mask, NEW_TOKENS)
         var_tokens, _ = unrefused(variant, lambda: decoding.greedy(variant, ids, mask, NEW_TOKENS))
 
         def threshold(row: int, step: int) -> float:
-            prefix = torch.cat([rows[row], ref_tokens[row, :step]])
+            prefix = generation.prefix_of(case.model.kind, rows[row], ref_tokens[row, :step])
             return generation.near_tie_threshold(variant, reference, golden, prefix)
 
         found, compared = generation.first_divergences(rows, ref_tokens, ref_logits, var_tokens, eos,

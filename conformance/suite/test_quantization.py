@@ -102,7 +102,7 @@ def test_quantized_footprint(case: Case, model_cache: ModelCache, metrics: dict[
 _GOLDEN: dict[tuple[str, str], Any] = {}
 
 
-@pytest.mark.cases(variant_filter=_quantized, model_filter=_trained)
+@pytest.mark.cases(variant_filter=_quantized, model_filter=_trained, kinds=KINDS)
 def test_quantized_quality(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
     """On real weights and shipped text: KL, top-1 agreement and perplexity ratio (decoders) or
     embedding cosine (encoders) against the golden run, within the scheme's measured bounds."""
@@ -114,6 +114,9 @@ def test_quantized_quality(case: Case, model_cache: ModelCache, metrics: dict[st
     if case.model.kind == "decoder":
         ids = quality.decoder_inputs(location)
         inputs = {"input_ids": ids}
+    elif case.model.kind == "seq2seq":
+        inputs = quality.seq2seq_inputs(location)
+        ids = inputs["decoder_input_ids"]
     else:
         inputs = quality.encoder_inputs(location)
     key = (case.model.name, case.model.location)
@@ -122,7 +125,7 @@ def test_quantized_quality(case: Case, model_cache: ModelCache, metrics: dict[st
         _GOLDEN[key] = quality.run(golden, inputs)
     want = _GOLDEN[key]
     got = unrefused(variant, lambda: quality.run(variant, inputs))
-    if case.model.kind == "decoder":
+    if case.model.kind in ("decoder", "seq2seq"):
         figures = quality.decoder_figures(got, want, ids)
         limits = {"mean_kl": (bound.max_mean_kl, "<="), "top1_agreement": (bound.min_top1, ">="),
                   "perplexity_ratio": (bound.max_perplexity_ratio, "<=")}
