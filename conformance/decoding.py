@@ -105,7 +105,8 @@ def _incremental_seq2seq(loaded: Loaded, input_ids: Any, mask: Any, chunks: list
     device = loaded.device
     input_ids, mask = input_ids.to(device), mask.to(device)
     both = with_decoder_inputs(loaded, {"input_ids": input_ids, "attention_mask": mask})
-    decoder_ids, decoder_mask = both["decoder_input_ids"], both["decoder_attention_mask"]
+    decoder_ids, decoder_mask = both.pop("decoder_input_ids"), both.pop("decoder_attention_mask")
+    encoder_inputs = both  # token ids and mask, or a speech encoder's features
     cache: Any = None
     encoder: Any = None
     outs, start = [], 0
@@ -113,13 +114,15 @@ def _incremental_seq2seq(loaded: Loaded, input_ids: Any, mask: Any, chunks: list
         for size in chunks:
             end = start + size
             inputs: dict[str, Any] = {
-                "attention_mask": mask, "decoder_input_ids": decoder_ids[:, start:end],
+                "decoder_input_ids": decoder_ids[:, start:end],
                 "decoder_attention_mask": decoder_mask[:, :end], "use_cache": True,
             }
             if encoder is None:
-                inputs["input_ids"] = input_ids
+                inputs.update(encoder_inputs)
             else:
                 inputs.update(encoder_outputs=(encoder,), past_key_values=cache)
+                if "attention_mask" in encoder_inputs:
+                    inputs["attention_mask"] = encoder_inputs["attention_mask"]
             out = loaded.model(**inputs)
             cache, encoder = out.past_key_values, out.encoder_last_hidden_state
             outs.append(out.logits.detach().to("cpu", torch.float64))

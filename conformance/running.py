@@ -15,7 +15,7 @@ from conformance.sizing import GoldenChoice, available_memory, golden_choice, pa
 from conformance.strategies import BatchSpec
 from conformance.timing import cache_load
 from conformance.variants import Variant
-from conformance.zoo import ZooModel, auto_class, local_dir, materialize
+from conformance.zoo import SPEECH_TYPES, ZooModel, auto_class, local_dir, materialize
 
 
 class LoadError(Exception):
@@ -168,10 +168,14 @@ def with_decoder_inputs(loaded: Loaded, inputs: dict[str, Any]) -> dict[str, Any
     """An encoder-decoder's call: the encoder inputs as given, and decoder inputs of the same
     lengths, padding side and mask, their tokens a fixed map of the encoder's token at each
     position (a row's decoder tokens are the same alone and padded, so every check's batch, its
-    mask and its real positions serve both sides). Inputs that already carry decoder ids, or
-    are not token ids (a cache step), pass through."""
+    mask and its real positions serve both sides). A speech encoder (Whisper) reads no tokens:
+    the drawn tokens and mask are the decoder's, and the encoder gets log-mel features drawn from
+    each row's real tokens (`speech_inputs`). Inputs that already carry decoder ids, or are not
+    token ids (a cache step), pass through."""
     if "decoder_input_ids" in inputs or "input_ids" not in inputs:
         return inputs
+    if loaded.model.config.model_type in SPEECH_TYPES:
+        return speech_inputs(loaded, inputs)
     from conformance.strategies import FIRST_TOKEN
 
     ids = inputs["input_ids"]
@@ -183,6 +187,30 @@ def with_decoder_inputs(loaded: Loaded, inputs: dict[str, Any]) -> dict[str, Any
         decoder = decoder.where(mask.bool(), loaded.pad_id)
         out["decoder_attention_mask"] = mask
     out["decoder_input_ids"] = decoder
+    return out
+
+
+def speech_inputs(loaded: Loaded, inputs: dict[str, Any]) -> dict[str, Any]:
+    """A speech encoder-decoder's call: the tokens and mask move to the decoder, and each row's
+    encoder input is `strategies.log_mel_features` of its real tokens, in the dtype and on the
+    device of the encoder's first convolution. The encoder takes no padding mask: its input is
+    always the full fixed-length window (2 x max_source_positions frames)."""
+    import torch
+
+    from conformance.strategies import log_mel_features
+
+    config = loaded.model.config
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+    frames = 2 * int(config.max_source_positions)  # two convolutions, the second of stride 2
+    features = torch.stack([log_mel_features(ids[row][real[row]].cpu(), int(config.num_mel_bins), frames)
+                            for row in range(ids.shape[0])])
+    weight = loaded.model.get_encoder().conv1.weight
+    out = {key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")}
+    out.update(input_features=features.to(weight.device, weight.dtype), decoder_input_ids=ids)
+    if mask is not None:
+        out["decoder_attention_mask"] = mask
     return out
 
 

@@ -65,6 +65,20 @@ class BatchSpec:
         )
 
 
+def log_mel_features(tokens: Any, mel_bins: int, frames: int) -> Any:
+    """A speech encoder's input for one row: [mel_bins, frames] float64 values, standard normal
+    like normalized log-mel features, drawn from a generator seeded by the row's real tokens.
+    So a drawn batch draws its audio too, and a row's features are the same alone, padded on
+    either side or in another batch: the golden run's rows and a variant's batch hear the same."""
+    import zlib
+
+    import torch
+
+    seed = zlib.crc32(tokens.to(torch.int64).numpy().tobytes())
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn((mel_bins, frames), generator=gen, dtype=torch.float64)
+
+
 def pad_rows(rows: list[Any], side: str, pad_id: int, width: int | None = None,
              fill: Any = None) -> tuple[Any, Any]:
     """Rows of real tokens padded to `width` on `side` ("none" means right): (input_ids, mask).

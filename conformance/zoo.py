@@ -23,8 +23,10 @@ DECODER_TYPES = frozenset({
 ENCODER_TYPES = frozenset({
     "bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "camembert",
 })
-# encoder-decoders with a language-model head (AutoModelForSeq2SeqLM) fed token ids on both sides
-SEQ2SEQ_TYPES = frozenset({"t5", "mt5", "bart", "mbart"})
+# encoder-decoders with a language-model head: token ids on both sides (AutoModelForSeq2SeqLM), or
+# a speech encoder reading log-mel features of a fixed length (AutoModelForSpeechSeq2Seq)
+SPEECH_TYPES = frozenset({"whisper"})
+SEQ2SEQ_TYPES = frozenset({"t5", "mt5", "bart", "mbart"}) | SPEECH_TYPES
 KIND_TYPES = {"decoder": DECODER_TYPES, "encoder": ENCODER_TYPES, "seq2seq": SEQ2SEQ_TYPES}
 INIT_SEED = 20231120
 
@@ -73,8 +75,8 @@ def fixtures_dir() -> Path:
 
 # Kinds the suite does not run (yet), named so that a user's --model of one is told what it is.
 OTHER_KINDS = {
-    "encoder-decoder": frozenset({"umt5", "pegasus", "marian", "whisper", "longt5", "led",
-                                  "prophetnet", "blenderbot"}),
+    "encoder-decoder": frozenset({"umt5", "pegasus", "marian", "longt5", "led",
+                                  "prophetnet", "blenderbot", "speech_to_text"}),
     "vision": frozenset({"vit", "deit", "beit", "swin", "convnext", "resnet", "dinov2", "siglip",
                          "clip_vision_model", "mobilevit", "segformer", "detr", "yolos"}),
     "audio": frozenset({"wav2vec2", "hubert", "wavlm", "audio-spectrogram-transformer", "clap"}),
@@ -264,6 +266,28 @@ def seeded_init(module: Any, std: float) -> None:
 
 
 def auto_class(kind: str) -> Any:
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
-    return {"decoder": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}.get(kind, AutoModel)
+    return {"decoder": AutoModelForCausalLM, "seq2seq": AnySeq2Seq}.get(kind, AutoModel)
+
+
+class AnySeq2Seq:
+    """AutoModelForSeq2SeqLM, or AutoModelForSpeechSeq2Seq for a speech encoder (Whisper): one
+    kind, two auto classes, picked by the config's model type."""
+
+    @staticmethod
+    def _auto(config: Any) -> Any:
+        from transformers import AutoModelForSeq2SeqLM, AutoModelForSpeechSeq2Seq
+
+        return AutoModelForSpeechSeq2Seq if config.model_type in SPEECH_TYPES else AutoModelForSeq2SeqLM
+
+    @classmethod
+    def from_config(cls, config: Any, **kwargs: Any) -> Any:
+        return cls._auto(config).from_config(config, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, source: Any, **kwargs: Any) -> Any:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source)
+        return cls._auto(config).from_pretrained(source, **kwargs)

@@ -28,9 +28,9 @@ def test_missing_model_path_is_one_line(run_suite: Any) -> None:
 
 
 def test_unknown_architecture_is_one_line(run_suite: Any, tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "whisper"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "pegasus"}))
     result = run_suite(*SUITE, "--model", str(tmp_path))
-    _one_line_error(result, "architecture 'whisper' is not one the suite knows how to run "
+    _one_line_error(result, "architecture 'pegasus' is not one the suite knows how to run "
                     "(kind: encoder-decoder; kinds supported: decoder (")
 
 
