@@ -214,6 +214,19 @@ def speech_inputs(loaded: Loaded, inputs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def encoder_decoder_inputs(loaded: Loaded, encoder: tuple[Any, Any],
+                           decoder: tuple[Any, Any]) -> dict[str, Any]:
+    """An encoder-decoder's call with each side given as (ids, mask): token ids for a token
+    encoder, or for a speech encoder its features drawn from those ids (`speech_inputs`), on the
+    model's device."""
+    (encoder_ids, encoder_mask), (decoder_ids, decoder_mask) = encoder, decoder
+    inputs = {"input_ids": encoder_ids, "attention_mask": encoder_mask}
+    if loaded.model.config.model_type in SPEECH_TYPES:
+        inputs = speech_inputs(loaded, inputs)
+    inputs.update(decoder_input_ids=decoder_ids, decoder_attention_mask=decoder_mask)
+    return {key: value.to(loaded.device) for key, value in inputs.items()}
+
+
 def main_output(loaded: Loaded, out: Any) -> Any:
     """Logits (decoders, encoder-decoders: the decoder's) or the last hidden state (encoders) of
     an output object or tuple, as float64 on CPU."""

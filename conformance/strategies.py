@@ -128,3 +128,24 @@ def batch_specs(
     rows = list(shorter)
     rows.insert(position, full)
     return BatchSpec(tuple(rows), side, seed)
+
+
+@st.composite
+def encoder_decoder_batches(draw: st.DrawFn, max_batch: int = 4,
+                            max_len: int = 129) -> tuple[BatchSpec, BatchSpec]:
+    """An encoder-decoder's two sides drawn on their own: (encoder rows, decoder rows), as many of
+    each, of independent lengths and tokens. The encoder's are unpadded or right-padded, the
+    decoder's right-padded with one row full width; neither side's padding follows the other's."""
+    encoder = draw(batch_specs(padding=draw(st.sampled_from(("none", "right")), label="encoder padding"),
+                               max_batch=max_batch, max_len=max_len), label="encoder rows")
+    size = max(2, len(encoder.lengths))
+    if size > len(encoder.lengths):  # an unpadded encoder batch of one row: one more of its length
+        encoder = BatchSpec((encoder.lengths[0],) * size, encoder.padding, encoder.seed)
+    full = draw(lengths(max_len).filter(lambda n: n >= 2), label="decoder full length")
+    shorter = draw(st.lists(st.integers(1, full - 1), min_size=size - 1, max_size=size - 1),
+                   label="decoder shorter lengths")
+    position = draw(st.integers(0, size - 1), label="decoder row of full length")
+    rows = list(shorter)
+    rows.insert(position, full)
+    seed = draw(st.integers(0, 2**16), label="decoder token seed")
+    return encoder, BatchSpec(tuple(rows), "right", seed)

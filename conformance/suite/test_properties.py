@@ -33,13 +33,14 @@ from conformance.options import OPTIONS, Context, call_with
 from conformance.running import (
     Loaded,
     ModelCache,
+    encoder_decoder_inputs,
     forward,
     forward_ids,
     forward_per_row,
     main_output,
     run_inputs,
 )
-from conformance.strategies import BatchSpec, batch_specs, pad_rows
+from conformance.strategies import BatchSpec, batch_specs, encoder_decoder_batches, pad_rows
 from conformance.variants import KINDS, REFERENCE, REGISTRY
 
 DECODERS = frozenset({"decoder"})
@@ -242,6 +243,45 @@ def test_mask_equivalence(case: Case, model_cache: ModelCache, metrics: dict[str
 
     check()
     routing.skip_if_nothing_judged(metrics, case.dtype, case.model.name)
+
+
+@pytest.mark.cases(kinds=frozenset({"seq2seq"}))
+def test_decoder_padding_invariance(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
+    """An encoder-decoder's two sides batched on their own: encoder rows and decoder rows of
+    independent lengths, padded each on its own, give every pair's outputs alone (both sides
+    unpadded). Where the sides' padding differ, a decoder mask used for the encoder's (or the
+    encoder's for the cross-attention's keys of another row) shows; in test_padding_invariance
+    both sides share one padding, and a speech encoder (Whisper) is never padded at all."""
+    import torch
+
+    variant, longest, noise, scale = _setup(model_cache, case)
+    vocab, pad = variant.vocab_size, variant.pad_id
+
+    def run(encoder: tuple[Any, Any], decoder: tuple[Any, Any]) -> Any:
+        return run_inputs(variant, encoder_decoder_inputs(variant, encoder, decoder))
+
+    @fewer_examples()
+    @given(sides=encoder_decoder_batches(max_len=longest))
+    def check(sides: tuple[BatchSpec, BatchSpec]) -> None:
+        encoder, decoder = sides
+        note(f"{reproduction(case, encoder, variant.device)}\n# decoder rows:\n{decoder.reproduction()}")
+        decoder_mask = decoder.mask()
+        batched = unrefused(variant, lambda: run(encoder.materialize(vocab, pad),
+                                                 decoder.materialize(vocab, pad)))
+        alone = []
+        for source, target in zip(encoder.rows(vocab), decoder.rows(vocab)):
+            pair = ((source[None], torch.ones_like(source)[None]),
+                    (target[None], torch.ones_like(target)[None]))
+            alone.append(unrefused(variant, lambda pair=pair: run(*pair))[0])
+        problem, figures = _verdict(
+            case, variant, compare.on_real(batched, decoder_mask), torch.cat(alone), noise, scale,
+            f"encoder rows {list(encoder.lengths)} ({encoder.padding}) and decoder rows "
+            f"{list(decoder.lengths)} (right-padded) in one batch vs each pair alone")
+        figures["encoder_batch"] = {"lengths": list(encoder.lengths), "padding": encoder.padding,
+                                    "seed": encoder.seed}  # worst_batch names the decoder's rows
+        _judge(metrics, decoder, case, problem, figures)
+
+    check()
 
 
 @pytest.mark.cases(kinds=DECODERS)
