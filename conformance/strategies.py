@@ -119,15 +119,22 @@ def batch_specs(
     if side == "none":
         n = draw(lengths(max_len), label="length")
         return BatchSpec((n,) * size, side, seed)
-    full = draw(lengths(max_len).filter(lambda n: n >= 2), label="full length")
+    return BatchSpec(uneven_lengths(draw, size, max_len), side, seed)
+
+
+def uneven_lengths(draw: st.DrawFn, size: int, max_len: int, side: str = "") -> tuple[int, ...]:
+    """`size` rows' lengths for a padded batch: one full width, the others shorter, the full row
+    at a drawn position. `side` prefixes the labels ("decoder") where a draw holds two batches."""
+    prefix = f"{side} " if side else ""
+    full = draw(lengths(max_len).filter(lambda n: n >= 2), label=f"{prefix}full length")
     shorter = draw(
         st.lists(st.integers(1, full - 1), min_size=size - 1, max_size=size - 1),
-        label="shorter lengths",
+        label=f"{prefix}shorter lengths",
     )
-    position = draw(st.integers(0, size - 1), label="row of the full-length sequence")
+    position = draw(st.integers(0, size - 1), label=f"{prefix}row of the full-length sequence")
     rows = list(shorter)
     rows.insert(position, full)
-    return BatchSpec(tuple(rows), side, seed)
+    return tuple(rows)
 
 
 @st.composite
@@ -141,11 +148,6 @@ def encoder_decoder_batches(draw: st.DrawFn, max_batch: int = 4,
     size = max(2, len(encoder.lengths))
     if size > len(encoder.lengths):  # an unpadded encoder batch of one row: one more of its length
         encoder = BatchSpec((encoder.lengths[0],) * size, encoder.padding, encoder.seed)
-    full = draw(lengths(max_len).filter(lambda n: n >= 2), label="decoder full length")
-    shorter = draw(st.lists(st.integers(1, full - 1), min_size=size - 1, max_size=size - 1),
-                   label="decoder shorter lengths")
-    position = draw(st.integers(0, size - 1), label="decoder row of full length")
-    rows = list(shorter)
-    rows.insert(position, full)
+    rows = uneven_lengths(draw, size, max_len, side="decoder")
     seed = draw(st.integers(0, 2**16), label="decoder token seed")
-    return encoder, BatchSpec(tuple(rows), "right", seed)
+    return encoder, BatchSpec(rows, "right", seed)
