@@ -16,10 +16,10 @@ from typing import Any
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conformance.compat import dtype_kwarg, parse_dtype
-from conformance.running import Loaded, LoadError, model_inputs
+from conformance.running import Loaded, LoadError, model_inputs, speech_inputs
 from conformance.strategies import BatchSpec
 from conformance.variants import Variant
-from conformance.zoo import ZooModel, auto_class
+from conformance.zoo import SPEECH_TYPES, ZooModel, auto_class
 
 OFFLOADED = ("cpu", "disk")  # map values that are not an accelerator index
 
@@ -70,17 +70,22 @@ def model_bytes(model: Any, dtype: Any = None) -> int:
 
 def units(model: Any) -> list[str]:
     """Disjoint submodule names covering every tensor, in module order, no-split modules whole:
-    the granularity of an explicit device map (embeddings, each layer, final norm, head)."""
+    the granularity of an explicit device map (embeddings, each layer, final norm, head).
+
+    A module holding tensors of its own beside children (BART's ``final_logits_bias`` on the
+    model itself) contributes each such tensor by name, as accelerate's own maps do, so that the
+    model is not one unit that no map can split."""
     keep_whole = set(no_split_classes(model))
     out: list[str] = []
 
     def walk(prefix: str, module: Any) -> None:
         own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
         children = list(module.named_children())
-        if type(module).__name__ in keep_whole or own or not children:
+        if type(module).__name__ in keep_whole or not children:
             if own or any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
                 out.append(prefix)
             return
+        out.extend(f"{prefix}.{name}" if prefix else name for name, _ in own)
         for name, child in children:
             walk(f"{prefix}.{name}" if prefix else name, child)
 
@@ -353,7 +358,7 @@ def compare_placed(placed: Loaded, memory: Loaded, metrics: dict[str, Any],
         return problem
     problem, figures = (close or (lambda a, b: bitwise(a, b, "outputs")))(out, expected)
     metrics.update(figures)
-    if problem or memory.zoo.kind != "decoder":
+    if problem or memory.zoo.kind == "encoder":  # an encoder generates nothing
         return problem
     tokens, _ = greedy(placed, GENERATE_BATCH, NEW_TOKENS)
     expected_tokens, margins = greedy(memory, GENERATE_BATCH, NEW_TOKENS)
@@ -448,16 +453,27 @@ def greedy(loaded: Loaded, batch: BatchSpec, new_tokens: int) -> tuple[Any, Any]
     top-1 minus top-2 score at each step (how decisive each choice was)."""
     import torch
 
-    inputs = model_inputs(loaded, batch)
-    inputs.pop("position_ids", None)
+    inputs = generate_inputs(loaded, batch)
     with torch.inference_mode(), loaded.variant.context():
         out = loaded.model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens,
                                     min_new_tokens=new_tokens, pad_token_id=loaded.pad_id,
                                     output_scores=True, return_dict_in_generate=True)
-    tokens = out.sequences[:, inputs["input_ids"].shape[1]:].to("cpu")
+    # a decoder's sequences carry the prompt; an encoder-decoder's start with the decoder start token
+    start = 1 if loaded.zoo.kind == "seq2seq" else inputs["input_ids"].shape[1]
+    tokens = out.sequences[:, start:].to("cpu")
     scores = torch.stack([s.float().to("cpu") for s in out.scores], dim=1)
     top = scores.topk(2, dim=-1).values
     return tokens, top[..., 0] - top[..., 1]
+
+
+def generate_inputs(loaded: Loaded, batch: BatchSpec) -> dict[str, Any]:
+    """`generate`'s prompt for `batch`: ids and mask (a decoder's positions are generate's own);
+    a speech encoder-decoder's encoder features alone, its decoder starting from the start token."""
+    inputs = model_inputs(loaded, batch)
+    inputs.pop("position_ids", None)
+    if loaded.zoo.kind == "seq2seq" and loaded.model.config.model_type in SPEECH_TYPES:
+        inputs = {"input_features": speech_inputs(loaded, inputs)["input_features"]}
+    return inputs
 
 
 def bitwise(placed: Any, memory: Any, what: str) -> tuple[str | None, dict[str, Any]]:

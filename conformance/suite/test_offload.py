@@ -19,10 +19,12 @@ import pytest
 from conformance import placement, routing
 from conformance.cases import Case
 from conformance.running import Loaded, LoadError, ModelCache
-from conformance.variants import REFERENCE, REGISTRY
+from conformance.variants import KINDS, REFERENCE, REGISTRY
 
-# the plain path, placed; the checks verify C14 themselves, not the reference path's REF
-PLAIN = {"variant_filter": lambda variant: variant.reference, "claims": ("C14",)}
+# the plain path, placed, on every kind of model (an encoder-decoder's encoder and decoder stacks
+# are units of the map like a decoder's layers); the checks verify C14 themselves, not the
+# reference path's REF
+PLAIN = {"variant_filter": lambda variant: variant.reference, "claims": ("C14",), "kinds": KINDS}
 # transformers' documented refusal: disk offload of weights it cannot memory-map needs a folder
 NEEDS_FOLDER = ("offloaded to the disk", "offload_folder")
 # transformers' documented refusal of device_map="auto" for a class without _no_split_modules
@@ -51,6 +53,11 @@ def _place(case: Case, source: str, device: str, **placement_kwargs: Any) -> tup
             pytest.skip(str(exc))
         _fail(case, str(exc))
         raise
+
+
+def placed_map(placed: Loaded) -> dict[str, Any]:
+    """The map the load applied; transformers sets none when everything landed on one device."""
+    return dict(getattr(placed.model, "hf_device_map", None) or {})
 
 
 def _map_value(device: str) -> Any:
@@ -131,8 +138,8 @@ def test_disk_offload(case: Case, model_cache: ModelCache, metrics: dict[str, An
         metrics["layout"] = ("explicit map: main device, (CPU,) disk; experts converted at load, "
                              "so re-saved into offload_folder")
     placed, metrics["load_s"] = _place(case, source, memory.device, device_map=device_map, **folder)
-    if "disk" not in placed.model.hf_device_map.values():
-        _fail(case, f"nothing was offloaded to disk: hf_device_map = {placed.model.hf_device_map}")
+    if "disk" not in placed_map(placed).values():
+        _fail(case, f"nothing was offloaded to disk: hf_device_map = {placed_map(placed)}")
     same_answers(case, placed, memory, metrics)
 
 
@@ -160,9 +167,9 @@ def test_memory_cap_forces_disk_offload(case: Case, model_cache: ModelCache, met
                     "model_bytes": size, "caps": {placement.device_key(k): v for k, v in caps.items()},
                     "offload_folder_files": len(files),
                     "offload_folder_bytes": sum(p.stat().st_size for p in files)})
-    if "disk" not in placed.model.hf_device_map.values():
+    if "disk" not in placed_map(placed).values():
         _fail(case, f"max_memory={caps} below the model's {size} bytes did not offload to disk: "
-                    f"hf_device_map = {placed.model.hf_device_map}")
+                    f"hf_device_map = {placed_map(placed)}")
     if not files:
         _fail(case, f"weights were offloaded to disk, but {folder} holds no file")
     used: dict[str, int] = {}
@@ -181,7 +188,7 @@ def test_memory_cap_forces_disk_offload(case: Case, model_cache: ModelCache, met
 
 
 @pytest.mark.C14
-@pytest.mark.cases(kinds=frozenset({"decoder"}), **PLAIN)
+@pytest.mark.cases(**{**PLAIN, "kinds": frozenset({"decoder", "seq2seq"})})
 def test_tied_weights_offloaded(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
     """The input embedding and the output head it is tied to both on disk, the rest in memory."""
     memory = _in_memory(model_cache, case)
@@ -223,5 +230,5 @@ def test_disk_offload_without_folder_is_refused(case: Case, model_cache: ModelCa
                         f"{' and '.join(NEEDS_FOLDER)}: {message!r}")
         return
     _fail(case, f"disk offload of a .bin checkpoint without offload_folder loaded "
-                f"(hf_device_map = {placed.model.hf_device_map}); the documented behaviour is a "
+                f"(hf_device_map = {placed_map(placed)}); the documented behaviour is a "
                 "ValueError asking for an offload_folder")

@@ -18,9 +18,10 @@ from conformance import placement
 from conformance.cases import Case
 from conformance.compat import parse_dtype
 from conformance.running import ModelCache
+from conformance.variants import KINDS
 
 PLANS = ("guide_caps", "balanced", "balanced_low_0")
-PLAIN = {"variant_filter": lambda variant: variant.reference, "claims": ("C12", "C14")}
+PLAIN = {"variant_filter": lambda variant: variant.reference, "claims": ("C12", "C14"), "kinds": KINDS}
 
 
 def empty_model(case: Case, cache: ModelCache) -> Any:
