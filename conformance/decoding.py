@@ -99,6 +99,7 @@ def _incremental_seq2seq(loaded: Loaded, input_ids: Any, mask: Any, chunks: list
     self-attention keys and values and the cross-attention ones computed at the prefill
     (EncoderDecoderCache). The decoder's tokens and mask are `running.with_decoder_inputs`'."""
     import torch
+    from transformers.modeling_outputs import BaseModelOutput
 
     from conformance.running import with_decoder_inputs
 
@@ -120,11 +121,16 @@ def _incremental_seq2seq(loaded: Loaded, input_ids: Any, mask: Any, chunks: list
             if encoder is None:
                 inputs.update(encoder_inputs)
             else:
-                inputs.update(encoder_outputs=(encoder,), past_key_values=cache)
+                inputs.update(encoder_outputs=BaseModelOutput(last_hidden_state=encoder),
+                              past_key_values=cache)
                 if "attention_mask" in encoder_inputs:
                     inputs["attention_mask"] = encoder_inputs["attention_mask"]
             out = loaded.model(**inputs)
-            cache, encoder = out.past_key_values, out.encoder_last_hidden_state
+            if encoder is None:
+                encoder = getattr(out, "encoder_last_hidden_state", None)
+            if encoder is None:  # an output without the encoder's states (ONNX Runtime's): as generate does
+                encoder = loaded.model.get_encoder()(**encoder_inputs).last_hidden_state
+            cache = out.past_key_values
             outs.append(out.logits.detach().to("cpu", torch.float64))
             start = end
     return torch.cat(outs, dim=1)

@@ -206,9 +206,10 @@ def speech_inputs(loaded: Loaded, inputs: dict[str, Any]) -> dict[str, Any]:
     frames = 2 * int(config.max_source_positions)  # two convolutions, the second of stride 2
     features = torch.stack([log_mel_features(ids[row][real[row]].cpu(), int(config.num_mel_bins), frames)
                             for row in range(ids.shape[0])])
-    weight = loaded.model.get_encoder().conv1.weight
+    conv = getattr(loaded.model.get_encoder(), "conv1", None)  # an exported graph: fp32 features
+    device, dtype = (conv.weight.device, conv.weight.dtype) if conv else (loaded.device, torch.float32)
     out = {key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")}
-    out.update(input_features=features.to(weight.device, weight.dtype), decoder_input_ids=ids)
+    out.update(input_features=features.to(device, dtype), decoder_input_ids=ids)
     if mask is not None:
         out["decoder_attention_mask"] = mask
     return out

@@ -312,6 +312,7 @@ def _ort(vid: str, provider: str, summary: str, devices: frozenset[str], where: 
         proof=_both(onnx_runtime.proof(provider)),
         refusals=onnx_runtime.EXPORT_REFUSALS,
         input_refusals=onnx_runtime.INPUT_REFUSALS,
+        kinds=KINDS,
     )
 
 

@@ -39,7 +39,10 @@ EXPORT_REFUSALS = ("is not supported yet", "custom or unsupported architecture")
 # Optimum's clear refusals of an input without an attention mask: the graph takes one as input
 # ("Input attention_mask is required by model but not provided"), or positions come from it (opt)
 INPUT_REFUSALS = ("is required by model but not provided",
-                  "Please provide position_ids or attention_mask")
+                  "Please provide position_ids or attention_mask",
+                  # an encoder-decoder's decoder_with_past graph is exported for one new token per
+                  # cached step (what generate feeds it): a multi-token cached chunk is refused
+                  "Got invalid dimensions for input: input_ids")
 
 
 class OrtProof(Proof):
@@ -60,11 +63,25 @@ def proof(provider: str) -> OrtProof:
                     what=f"an ONNX Runtime session on {provider}, no torch compute")
 
 
-def ort_class(kind: str) -> Any:
-    """ORTModelForCausalLM for decoders, ORTModelForFeatureExtraction (last_hidden_state) else."""
+def ort_class(kind: str, source: Any) -> Any:
+    """ORTModelForCausalLM for decoders; for encoder-decoders ORTModelForSeq2SeqLM, or
+    ORTModelForSpeechSeq2Seq where the checkpoint's config is a speech model (Whisper);
+    ORTModelForFeatureExtraction (last_hidden_state) for encoders."""
     with exporter_compat(), _quiet():
-        from optimum.onnxruntime import ORTModelForCausalLM, ORTModelForFeatureExtraction
+        from optimum.onnxruntime import (
+            ORTModelForCausalLM,
+            ORTModelForFeatureExtraction,
+            ORTModelForSeq2SeqLM,
+            ORTModelForSpeechSeq2Seq,
+        )
 
+    if kind == "seq2seq":
+        from transformers import AutoConfig
+
+        from conformance.zoo import SPEECH_TYPES
+
+        speech = AutoConfig.from_pretrained(source).model_type in SPEECH_TYPES
+        return ORTModelForSpeechSeq2Seq if speech else ORTModelForSeq2SeqLM
     return ORTModelForCausalLM if kind == "decoder" else ORTModelForFeatureExtraction
 
 
@@ -134,7 +151,7 @@ def export(source: str, kind: str, provider: str, device: str) -> Any:
     key = (str(source), kind)
     if key in _EXPORTS:
         return reload(Path(_EXPORTS[key].name), kind, provider, device)
-    cls = ort_class(kind)
+    cls = ort_class(kind, source)
     with exporter_compat(), _quiet():
         model = cls.from_pretrained(source, export=True, provider=provider,
                                     provider_options=provider_options(provider, device))
@@ -151,7 +168,7 @@ def load(source: str, kind: str, dtype: Any, device: str, kwargs: dict[str, Any]
 
 def reload(directory: Path, kind: str, provider: str, device: str) -> Any:
     """An exported model saved with save_pretrained, opened again (no export) on `provider`."""
-    cls = ort_class(kind)
+    cls = ort_class(kind, directory)
     with _quiet():
         again = cls.from_pretrained(directory, export=False, provider=provider,
                                     provider_options=provider_options(provider, device))

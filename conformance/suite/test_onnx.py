@@ -20,7 +20,7 @@ from conformance.compat import parse_dtype
 from conformance.paths import onnx_runtime
 from conformance.running import Loaded, ModelCache
 from conformance.strategies import BatchSpec
-from conformance.variants import Variant
+from conformance.variants import KINDS, Variant
 
 # both padding sides, a length-1 row, lengths off any tile: one batch per side is enough for a
 # bitwise comparison (a reload either runs the same graph or it does not)
@@ -56,7 +56,7 @@ def bitwise_difference(expected: Any, found: Any) -> str | None:
             f"{worst:.3g}, first at row {where[0]}, position {where[1]}")
 
 
-@pytest.mark.cases(variant_filter=_onnx_runtime)
+@pytest.mark.cases(variant_filter=_onnx_runtime, kinds=KINDS)
 def test_onnx_save_reload(case: Case, model_cache: ModelCache, metrics: dict[str, Any],
                           tmp_path: Path) -> None:
     """save_pretrained writes the exported graph; from_pretrained on that folder (no export) gives
@@ -91,7 +91,7 @@ def test_onnx_save_reload(case: Case, model_cache: ModelCache, metrics: dict[str
     metrics["values_compared"] = sum(int(out.numel()) for out in before)
 
 
-@pytest.mark.cases(variant_filter=_onnx_runtime)
+@pytest.mark.cases(variant_filter=_onnx_runtime, kinds=KINDS)
 def test_onnx_provider(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
     """The session runs on the provider that was asked for, first in its list: onnxruntime falls
     back to the CPU silently when a GPU provider fails to initialise."""
