@@ -392,7 +392,7 @@ def test_cache_consistency(case: Case, cache_kind: str, model_cache: ModelCache,
     routing.skip_if_nothing_judged(metrics, case.dtype, case.model.name)
 
 
-@pytest.mark.cases()
+@pytest.mark.cases(kinds=KINDS)
 def test_fully_padded_and_tiny(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
     """Batch 1 x length 1 runs; a row with every position masked stays finite where the reference
     is, and neither it nor whatever sits under the mask reaches real tokens."""
