@@ -26,6 +26,7 @@ from conformance.running import Loaded
 DECODER = frozenset({"decoder"})
 ENCODER = frozenset({"encoder"})
 BOTH = DECODER | ENCODER
+SEQ2SEQ = frozenset({"seq2seq"})  # an encoder-decoder's call: the decoder's logits are its answer
 
 
 @dataclass(frozen=True)
@@ -346,14 +347,14 @@ def call_with(loaded: Loaded, ids: Any, mask: Any, extra: dict[str, Any]) -> Any
 OPTIONS: dict[str, Option] = {o.name: o for o in [
     Option("output_attentions", "output_attentions=True: the weights, where returned, are eager's",
            BOTH, _flag("output_attentions", internals=True), same_kernels=False, extra=_judge_attentions),
-    Option("return_dict_false", "return_dict=False: a tuple, logits first", BOTH,
+    Option("return_dict_false", "return_dict=False: a tuple, logits first", BOTH | SEQ2SEQ,
            _flag("return_dict", False)),
     # not bitwise: without a cache the keys stay views of the projection, with one they are the
     # cache's contiguous copy, and the product rounds otherwise (measured on 5.24: falcon eager,
     # 2 rows of 5 tokens, fp32, 1.67e-06 on every run; with use_cache=True, 0.0)
-    Option("use_cache_false", "use_cache=False", DECODER, _flag("use_cache", False),
+    Option("use_cache_false", "use_cache=False", DECODER | SEQ2SEQ, _flag("use_cache", False),
            same_kernels=False),
-    Option("use_cache_true", "use_cache=True", DECODER, _flag("use_cache", True)),
+    Option("use_cache_true", "use_cache=True", DECODER | SEQ2SEQ, _flag("use_cache", True)),
     Option("inputs_embeds", "inputs_embeds (the model's own embeddings of the ids) instead of input_ids",
            BOTH, _inputs_embeds),
     Option("token_type_ids", "token_type_ids of zeros (the default segment)", ENCODER, _token_type_ids),

@@ -483,7 +483,7 @@ def _applicable(variant: Loaded, kind: str) -> tuple[list[str], dict[str, str]]:
     names, reasons = [], {}
     for name, option in OPTIONS.items():
         if kind not in option.kinds:
-            reasons[name] = f"not an option for {kind}s"
+            reasons[name] = f"not an option for {kind} models"
             continue
         got = option.inputs(variant, ids, mask)
         if isinstance(got, str):
@@ -495,7 +495,7 @@ def _applicable(variant: Loaded, kind: str) -> tuple[list[str], dict[str, str]]:
 
 
 
-@pytest.mark.cases()
+@pytest.mark.cases(kinds=KINDS)
 def test_options(case: Case, model_cache: ModelCache, metrics: dict[str, Any],
                  pytestconfig: pytest.Config) -> None:
     """The options and input forms users pass (conformance/options.py) change what is returned,
