@@ -20,9 +20,6 @@ CACHE_KINDS = ("dynamic", "static")
 def static_cache_reason(loaded: Loaded) -> str | None:
     """Why this model cannot take a static cache here, or None."""
     model = loaded.model
-    if loaded.zoo.kind == "seq2seq":
-        return ("a static cache for encoder-decoders (an EncoderDecoderCache of two StaticCaches) "
-                "is not covered yet: the dynamic EncoderDecoderCache is")
     supported = getattr(model, "_supports_static_cache", None)  # transformers < 4.50 spelling
     if supported is None and callable(getattr(model, "_setup_cache", None)):
         supported = True  # transformers 4.38 .. 4.40: generate's own test for a static cache
@@ -47,6 +44,23 @@ def _static_cache(loaded: Loaded, batch: int, max_len: int) -> Any:
     return StaticCache(config=loaded.model.config, max_cache_len=max_len)
 
 
+def _encoder_length(loaded: Loaded, encoder_inputs: dict[str, Any]) -> int:
+    """How many positions the encoder's output has: its input's, or a speech encoder's
+    max_source_positions (its convolutions halve the fixed-length features)."""
+    if "input_ids" in encoder_inputs:
+        return int(encoder_inputs["input_ids"].shape[1])
+    return int(loaded.model.config.max_source_positions)
+
+
+def _static_encoder_decoder_cache(loaded: Loaded, batch: int, decoder_len: int, encoder_len: int) -> Any:
+    """The cache generate builds for an encoder-decoder asked for cache_implementation="static":
+    the decoder's self-attention and the cross-attention each in a StaticCache of its own."""
+    from transformers import EncoderDecoderCache
+
+    return EncoderDecoderCache(_static_cache(loaded, batch, decoder_len),
+                               _static_cache(loaded, batch, encoder_len))
+
+
 def _init_params(cls: type) -> Any:
     """The named parameters a class's constructor takes: transformers 4.54-4.56's StaticCache
     takes (*args, **kwargs) and hands them to Cache.__init__, whose names say the spelling."""
@@ -68,7 +82,7 @@ def incremental(loaded: Loaded, input_ids: Any, mask: Any, chunks: list[int], ca
 
     assert sum(chunks) == input_ids.shape[1], (chunks, input_ids.shape)
     if loaded.zoo.kind == "seq2seq":
-        return _incremental_seq2seq(loaded, input_ids, mask, chunks)
+        return _incremental_seq2seq(loaded, input_ids, mask, chunks, cache_kind)
     device = loaded.device
     input_ids, mask = input_ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -93,11 +107,15 @@ def incremental(loaded: Loaded, input_ids: Any, mask: Any, chunks: list[int], ca
     return torch.cat(outs, dim=1)
 
 
-def _incremental_seq2seq(loaded: Loaded, input_ids: Any, mask: Any, chunks: list[int]) -> Any:
+def _incremental_seq2seq(loaded: Loaded, input_ids: Any, mask: Any, chunks: list[int],
+                         cache_kind: str = "dynamic") -> Any:
     """An encoder-decoder decoded as generate does: the encoder once, at the prefill; every later
     chunk gets its states back (`encoder_outputs`) and the cache, which holds the decoder's
     self-attention keys and values and the cross-attention ones computed at the prefill
-    (EncoderDecoderCache). The decoder's tokens and mask are `running.with_decoder_inputs`'."""
+    (EncoderDecoderCache: the model's own dynamic one, or, for `static`, one of two StaticCaches
+    as generate builds it, the decoder's sized to the batch's width and the cross-attention's
+    to the encoder's output, with each chunk's cache_position). The decoder's tokens and mask
+    are `running.with_decoder_inputs`'."""
     import torch
     from transformers.modeling_outputs import BaseModelOutput
 
@@ -109,6 +127,11 @@ def _incremental_seq2seq(loaded: Loaded, input_ids: Any, mask: Any, chunks: list
     decoder_ids, decoder_mask = both.pop("decoder_input_ids"), both.pop("decoder_attention_mask")
     encoder_inputs = both  # token ids and mask, or a speech encoder's features
     cache: Any = None
+    positions = cache_kind == "static" and \
+        "cache_position" in inspect.signature(loaded.model.forward).parameters
+    if cache_kind == "static":
+        cache = _static_encoder_decoder_cache(loaded, decoder_ids.shape[0], decoder_ids.shape[1],
+                                              _encoder_length(loaded, encoder_inputs))
     encoder: Any = None
     outs, start = [], 0
     with forward_phase(loaded), torch.inference_mode(), loaded.variant.context():
@@ -118,8 +141,12 @@ def _incremental_seq2seq(loaded: Loaded, input_ids: Any, mask: Any, chunks: list
                 "decoder_input_ids": decoder_ids[:, start:end],
                 "decoder_attention_mask": decoder_mask[:, :end], "use_cache": True,
             }
+            if positions:
+                inputs["cache_position"] = torch.arange(start, end, device=device)
             if encoder is None:
                 inputs.update(encoder_inputs)
+                if cache is not None:
+                    inputs["past_key_values"] = cache
             else:
                 inputs.update(encoder_outputs=BaseModelOutput(last_hidden_state=encoder),
                               past_key_values=cache)

@@ -305,6 +305,8 @@ PLANT: dict[str, Callable[[], None]] = {
     "cached_chunk_causal_dropped": _cached_chunk_causal_dropped,
     "fully_masked_repair_wrong_axis": _fully_masked_repair_wrong_axis,
     "static_cache_wrong_slot": _static_cache_wrong_slot,
+    # the same shared cache layer, under an encoder-decoder's EncoderDecoderCache of StaticCaches
+    "static_cache_wrong_slot_seq2seq": _static_cache_wrong_slot,
     "generate_positions_stuck": _generate_positions_stuck,
     "cross_attention_cache_stale_layer": _cross_attention_cache_stale_layer,
     "decoder_positions_shifted": _decoder_positions_shifted,
@@ -342,6 +344,9 @@ FAULTS: list[IntegrationFault] = [
                      "dynamic", "cache decoding in chunks",
                      "encoder-decoder cache: cached steps read another layer's stale cross-attention "
                      "keys and values"),
+    IntegrationFault("static_cache_wrong_slot_seq2seq", "t5", "eager", "fp32", "cache_consistency",
+                     "static", "cache decoding in chunks",
+                     "encoder-decoder static cache: the decoder's cached step written one slot too far"),
     IntegrationFault("decoder_positions_shifted", "bart", "sdpa", "fp32", "cache_consistency",
                      "dynamic", "cache decoding in chunks",
                      "encoder-decoder cache reports one token too many: decoder positions shift by "
