@@ -215,78 +215,149 @@ def _judge_loss(out: Any, ctx: Context) -> tuple[str | None, dict[str, Any]]:
     return None, figures
 
 
-def _judge_attentions(out: Any, ctx: Context) -> tuple[str | None, dict[str, Any]]:
-    """Returned weights: causal models put no probability above the diagonal, nobody on masked
-    keys, and (kernel-class) each layer's weights are within the kernel bound of eager float64's
-    on each row alone. Not returned: recorded (the implementation's own choice, per stack)."""
+@dataclass(frozen=True)
+class AttentionStack:
+    """One stack of attention weights a model returns: the output field holding it, whether its
+    queries see only the keys before them, and which side's mask its queries and keys follow."""
+
+    field: str
+    causal: bool
+    queries: str  # "decoder" or "encoder": the side whose positions are its queries
+    keys: str
+
+
+DECODER_STACK = AttentionStack("attentions", True, "decoder", "decoder")
+ENCODER_STACK = AttentionStack("attentions", False, "encoder", "encoder")
+# an encoder-decoder returns three: the encoder's, the decoder's self-attention, and the decoder
+# attending to the encoder (cross-attention: decoder queries, encoder keys)
+SEQ2SEQ_STACKS = (AttentionStack("encoder_attentions", False, "encoder", "encoder"),
+                  AttentionStack("decoder_attentions", True, "decoder", "decoder"),
+                  AttentionStack("cross_attentions", False, "decoder", "encoder"))
+
+
+def attention_stacks(kind: str) -> tuple[AttentionStack, ...]:
+    return {"decoder": (DECODER_STACK,), "seq2seq": SEQ2SEQ_STACKS}.get(kind, (ENCODER_STACK,))
+
+
+def stack_layers(config: Any, stack: AttentionStack, kind: str) -> int:
+    """How many layers return weights in `stack`: an encoder-decoder's encoder and decoder each
+    have their own count (encoder_layers / decoder_layers, T5's num_layers / num_decoder_layers)."""
+    if kind != "seq2seq":
+        return int(config.num_hidden_layers)
+    if stack.queries == "encoder":
+        return int(getattr(config, "encoder_layers", None) or config.num_layers)
+    return int(getattr(config, "decoder_layers", None) or getattr(config, "num_decoder_layers", None)
+               or config.num_layers)
+
+
+def side_masks(loaded: Loaded, mask: Any) -> dict[str, Any]:
+    """Each side's real positions for the drawn mask: the decoder's is the drawn one (every
+    check's decoder inputs follow the batch, `running.with_decoder_inputs`); a token encoder's
+    is the same, a speech encoder's is its whole fixed-length output (it takes no padding mask)."""
     import torch
 
-    attentions = getattr(out, "attentions", None)
-    layers = int(ctx.variant.model.config.num_hidden_layers)
-    if attentions is None or len(attentions) == 0 or all(a is None for a in attentions):
+    from conformance.zoo import SPEECH_TYPES
+
+    real = mask.bool()
+    config = loaded.model.config
+    if loaded.zoo.kind == "seq2seq" and config.model_type in SPEECH_TYPES:
+        return {"decoder": real,
+                "encoder": torch.ones(real.shape[0], int(config.max_source_positions), dtype=torch.bool)}
+    return {"decoder": real, "encoder": real}
+
+
+def _judge_attentions(out: Any, ctx: Context) -> tuple[str | None, dict[str, Any]]:
+    """Returned weights: causal stacks put no probability above the diagonal, none on masked
+    keys, and (kernel-class) each layer's weights are within the kernel bound of eager float64's
+    on each row alone; an encoder-decoder's three stacks each so. Not returned: recorded (the
+    implementation's own choice, per stack)."""
+    kind = ctx.variant.zoo.kind
+    stacks = attention_stacks(kind)
+    returned = [getattr(out, stack.field, None) for stack in stacks]
+    if all(not a or all(w is None for w in a) for a in returned):
         return None, {"output_attentions": "not returned"}
-    if len(attentions) != layers or any(a is None for a in attentions):
-        return (f"output_attentions=True returned {len(attentions)} layers' weights "
-                f"({sum(a is None for a in attentions)} None) for {layers} layers"), {}
+    figures: dict[str, Any] = {"output_attentions": "returned"}
+    sides = side_masks(ctx.variant, ctx.mask)
+    for stack, attentions in zip(stacks, returned):
+        layers = stack_layers(ctx.variant.model.config, stack, kind)
+        label = "" if len(stacks) == 1 else f"{stack.field}: "
+        if not attentions or len(attentions) != layers or any(a is None for a in attentions):
+            count = len(attentions) if attentions else 0
+            nones = sum(a is None for a in attentions) if attentions else 0
+            return (f"{label}output_attentions=True returned {count} layers' weights ({nones} None) "
+                    f"for {layers} layers"), figures
+        problem = _judge_stack(stack, attentions, ctx, sides, label, figures)
+        if problem:
+            return problem, figures
+    return None, figures
+
+
+def _judge_stack(stack: AttentionStack, attentions: Any, ctx: Context, sides: dict[str, Any],
+                 label: str, figures: dict[str, Any]) -> str | None:
+    import torch
+
     eps = compare.eps(ctx.dtype)
-    real = ctx.mask.bool()
+    queries_real, keys_real = sides[stack.queries], sides[stack.keys]
+    suffix = "" if not label else f"_{stack.field}"
     worst_leak = 0.0
     for index, weights in enumerate(attentions):
         w = weights.detach().to("cpu", torch.float64)
-        queries = real[:, None, :, None].expand_as(w)
-        masked_keys = (~real)[:, None, None, :].expand_as(w)
+        queries = queries_real[:, None, :, None].expand_as(w)
+        masked_keys = (~keys_real)[:, None, None, :].expand_as(w)
         leak = float(w[queries & masked_keys].abs().max()) if bool((queries & masked_keys).any()) else 0.0
-        if ctx.variant.zoo.kind == "decoder":
+        if stack.causal:
             above = torch.ones(w.shape[-2:], dtype=torch.bool).triu(1)[None, None].expand_as(w)
             if bool((queries & above).any()):
                 leak = max(leak, float(w[queries & above].abs().max()))
         worst_leak = max(worst_leak, leak)
         if not leak <= eps:
-            return (f"layer {index}'s attention weights put {leak:.3g} on masked keys or above the "
-                    f"diagonal (> {eps:.3g})"), {"attention_leak": leak}
-    figures: dict[str, Any] = {"output_attentions": "returned", "attention_leak": worst_leak}
+            figures["attention_leak" + suffix] = leak
+            return (f"{label}layer {index}'s attention weights put {leak:.3g} on masked keys or above "
+                    f"the diagonal (> {eps:.3g})")
+    figures["attention_leak" + suffix] = max(worst_leak, figures.get("attention_leak" + suffix, 0.0))
     if not ctx.kernel_class:
-        return None, figures
-    golden = _golden_attentions(ctx)
-    plain = call_with(ctx.reference, ctx.ids, ctx.mask, {"output_attentions": True}).attentions
-    for index in range(layers):
+        return None
+    golden = _golden_attentions(ctx, stack)
+    plain = getattr(call_with(ctx.reference, ctx.ids, ctx.mask, {"output_attentions": True}), stack.field)
+    for index in range(len(attentions)):
         err = ref_err = scale = 0.0
         for row, want in enumerate(golden):
-            keep = real[row]
-            got = attentions[index][row].detach().to("cpu", torch.float64)[:, keep][:, :, keep]
-            ref = plain[index][row].detach().to("cpu", torch.float64)[:, keep][:, :, keep]
+            q, k = queries_real[row], keys_real[row]
+            got = attentions[index][row].detach().to("cpu", torch.float64)[:, q][:, :, k]
+            ref = plain[index][row].detach().to("cpu", torch.float64)[:, q][:, :, k]
             err = max(err, float((got - want[index]).abs().max()))
             ref_err = max(ref_err, float((ref - want[index]).abs().max()))
             scale = max(scale, float(want[index].abs().max()))
         bound = compare.kernel_bound(ref_err, scale, ctx.dtype)[0]
-        figures.setdefault("attention_err_per_layer", []).append(err)
+        figures.setdefault("attention_err_per_layer" + suffix, []).append(err)
         if not err <= bound:
-            return (f"layer {index}'s attention weights differ from eager float64's by {err:.3g} "
-                    f"> bound {bound:.3g} (eager {ctx.dtype}'s own error {ref_err:.3g})"), figures
-    return None, figures
+            return (f"{label}layer {index}'s attention weights differ from eager float64's by {err:.3g} "
+                    f"> bound {bound:.3g} (eager {ctx.dtype}'s own error {ref_err:.3g})")
+    return None
 
 
-def _golden_attentions(ctx: Context) -> list[list[Any]]:
+def _golden_attentions(ctx: Context, stack: AttentionStack) -> list[list[Any]]:
     """Per row, each layer's golden weights over the row's real queries and keys."""
     import torch
 
     if ctx.per_row:
-        return _per_row_attentions(ctx.golden, ctx.ids, ctx.mask)
-    whole = call_with(ctx.golden, ctx.ids, ctx.mask, {"output_attentions": True}).attentions
-    real = ctx.mask.bool()
-    return [[w[row].detach().to("cpu", torch.float64)[:, real[row]][:, :, real[row]] for w in whole]
+        return _per_row_attentions(ctx.golden, ctx.ids, ctx.mask, stack)
+    whole = getattr(call_with(ctx.golden, ctx.ids, ctx.mask, {"output_attentions": True}), stack.field)
+    sides = side_masks(ctx.golden, ctx.mask)
+    q, k = sides[stack.queries], sides[stack.keys]
+    return [[w[row].detach().to("cpu", torch.float64)[:, q[row]][:, :, k[row]] for w in whole]
             for row in range(ctx.ids.shape[0])]
 
 
-def _per_row_attentions(golden: Loaded, ids: Any, mask: Any) -> list[list[Any]]:
+def _per_row_attentions(golden: Loaded, ids: Any, mask: Any, stack: AttentionStack) -> list[list[Any]]:
     import torch
 
     out = []
     for row in range(ids.shape[0]):
         real = mask[row].bool()
         alone = ids[row][real][None]
-        weights = call_with(golden, alone, torch.ones_like(alone), {"output_attentions": True}).attentions
-        out.append([w[0].detach().to("cpu", torch.float64) for w in weights])
+        called = call_with(golden, alone, torch.ones_like(alone), {"output_attentions": True})
+        out.append([w[0].detach().to("cpu", torch.float64) for w in getattr(called, stack.field)])
     return out
 
 
@@ -346,7 +417,8 @@ def call_with(loaded: Loaded, ids: Any, mask: Any, extra: dict[str, Any]) -> Any
 
 OPTIONS: dict[str, Option] = {o.name: o for o in [
     Option("output_attentions", "output_attentions=True: the weights, where returned, are eager's",
-           BOTH, _flag("output_attentions", internals=True), same_kernels=False, extra=_judge_attentions),
+           BOTH | SEQ2SEQ, _flag("output_attentions", internals=True), same_kernels=False,
+           extra=_judge_attentions),
     Option("return_dict_false", "return_dict=False: a tuple, logits first", BOTH | SEQ2SEQ,
            _flag("return_dict", False)),
     # not bitwise: without a cache the keys stay views of the projection, with one they are the

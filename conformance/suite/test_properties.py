@@ -506,7 +506,7 @@ def test_options(case: Case, model_cache: ModelCache, metrics: dict[str, Any],
              chosen=pytestconfig.getoption("option"))
 
 
-@pytest.mark.cases()
+@pytest.mark.cases(kinds=KINDS)
 def test_output_attentions(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
     """output_attentions=True leaves the answer alone; the weights, where the implementation
     returns them, put nothing above the diagonal or on masked keys and match eager float64's;
