@@ -350,8 +350,13 @@ class ModelCache:
         vocabulary), and a run draws hundreds of batches. A forward done again gives the same
         bits (CPU golden and reference runs are deterministic), so eviction changes no verdict."""
         key = (loaded.zoo.name, loaded.variant.id, loaded.dtype, loaded.device, batch, per_row)
+        return self.memoized(
+            key, lambda: forward_per_row(loaded, batch) if per_row else forward(loaded, batch))
+
+    def memoized(self, key: tuple[Any, ...], compute: Any) -> Any:
+        """`compute()` kept in the bounded output memo under `key` (`outputs` says why it may be)."""
         if key not in self._outputs:
-            out = forward_per_row(loaded, batch) if per_row else forward(loaded, batch)
+            out = compute()
             self._outputs[key], self._output_sizes[key] = out, _nbytes(out)
             self._bound_outputs()
         found = self._outputs[key] = self._outputs.pop(key)  # most recently used last
