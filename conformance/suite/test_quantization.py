@@ -213,7 +213,7 @@ CASTS = {
 CAST_REFUSALS = ("is not supported for quantized model", "You cannot cast a bitsandbytes model")
 
 
-@pytest.mark.cases(variant_filter=_quantized, model_filter=_trained)  # a library rule: 2 models do
+@pytest.mark.cases(variant_filter=_quantized, model_filter=_trained, kinds=KINDS)  # a library rule
 def test_quantized_cast_refused(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) -> None:
     """Casting a quantized model (.half(), .to(float16)) raises transformers' documented
     ValueError instead of silently dequantizing or corrupting the packed weights."""
