@@ -46,10 +46,12 @@ def _static_cache(loaded: Loaded, batch: int, max_len: int) -> Any:
 
 def _encoder_length(loaded: Loaded, encoder_inputs: dict[str, Any]) -> int:
     """How many positions the encoder's output has: its input's, or a speech encoder's
-    max_source_positions (its convolutions halve the fixed-length features)."""
+    fixed count (`zoo.speech_encoder_positions`)."""
+    from conformance.zoo import speech_encoder_positions
+
     if "input_ids" in encoder_inputs:
         return int(encoder_inputs["input_ids"].shape[1])
-    return int(loaded.model.config.max_source_positions)
+    return speech_encoder_positions(loaded.model.config)
 
 
 def _static_encoder_decoder_cache(loaded: Loaded, batch: int, decoder_len: int, encoder_len: int) -> Any:

@@ -101,7 +101,38 @@ def _inputs_embeds(loaded: Loaded, ids: Any, mask: Any) -> dict[str, Any] | str:
         pad = int(config.pad_token_id)
         positions = (mask.cumsum(-1) * mask + pad).to(loaded.device)
         extra["position_ids"] = positions
+    if loaded.zoo.kind == "seq2seq":  # the decoder keeps the tokens the plain call gives it
+        extra.update(_decoder_side(loaded, ids, mask))
     return extra
+
+
+def _decoder_side(loaded: Loaded, ids: Any, mask: Any) -> dict[str, Any]:
+    """An encoder-decoder's decoder inputs as the plain call builds them (`running.with_decoder_inputs`)."""
+    from conformance.running import plain_inputs, with_decoder_inputs
+
+    both = with_decoder_inputs(loaded, plain_inputs(loaded, ids, mask))
+    return {key: both[key] for key in ("decoder_input_ids", "decoder_attention_mask") if key in both}
+
+
+def _decoder_inputs_embeds(loaded: Loaded, ids: Any, mask: Any) -> dict[str, Any] | str:
+    """The decoder's own embeddings of the tokens the plain call gives it, instead of those ids;
+    the encoder's inputs stay as they are (ids, or a speech encoder's features)."""
+    import torch
+
+    from conformance.running import plain_inputs, with_decoder_inputs
+
+    if reason := _graph_only(loaded):
+        return reason
+    get = getattr(loaded.model, "get_decoder", None)
+    decoder = get() if callable(get) else None
+    embeddings = getattr(decoder, "embed_tokens", None)
+    if embeddings is None or not _accepts(loaded, "decoder_inputs_embeds"):
+        return f"{type(loaded.model).__name__} takes no decoder_inputs_embeds"
+    both = with_decoder_inputs(loaded, plain_inputs(loaded, ids, mask))
+    with torch.inference_mode():
+        embeds = embeddings(both.pop("decoder_input_ids"))
+    # a speech encoder's call carries features, not the ids the plain inputs hold
+    return {"input_ids": None, **both, "decoder_inputs_embeds": embeds}
 
 
 # encoders whose embeddings number positions from input_ids, skipping padding (padding_idx + 1 on)
@@ -125,10 +156,22 @@ def causal_labels(ids: Any, mask: Any) -> Any:
     return labels.masked_fill(first, -100)
 
 
+def loss_labels(loaded: Loaded, ids: Any, mask: Any) -> tuple[Any, bool]:
+    """The labels passed for the loss, and whether the model shifts them by one. A decoder
+    predicts each next token (`causal_labels`, shifted). An encoder-decoder given its decoder
+    inputs scores each position against the label there, unshifted (it shifts labels only to make
+    decoder inputs, and these are given): its labels are its decoder tokens, pads ignored."""
+    if loaded.zoo.kind == "seq2seq":
+        decoder = _decoder_side(loaded, ids.cpu(), mask.cpu())["decoder_input_ids"].cpu()
+        return decoder.masked_fill(mask.cpu() == 0, -100), False
+    return causal_labels(ids, mask), True
+
+
 def _labels(loaded: Loaded, ids: Any, mask: Any) -> dict[str, Any] | str:
     if not _accepts(loaded, "labels"):
         return f"{type(loaded.model).__name__} takes no labels"
-    return {"labels": causal_labels(ids, mask).to(loaded.device)}
+    labels, _ = loss_labels(loaded, ids, mask)
+    return {"labels": labels.to(loaded.device)}
 
 
 def _cache_position(loaded: Loaded, ids: Any, mask: Any) -> dict[str, Any] | str:
@@ -179,39 +222,46 @@ def _tuple_refused(loaded: Loaded) -> str | None:
     return None
 
 
-def cross_entropy(logits: Any, labels: Any) -> float:
-    """Mean next-token cross-entropy in float64, labels shifted by one (-100 ignored)."""
+def cross_entropy(logits: Any, labels: Any, shift: bool = True, in_dtype: bool = False) -> float:
+    """Mean cross-entropy (-100 ignored) in float64, or with `in_dtype` torch's own in the logits'
+    dtype (what a model computing its loss there rounds to): each position's logits against the
+    next label (`shift`, a decoder's loss) or against its own (an encoder-decoder's)."""
     import torch
 
-    shift_logits = logits[:, :-1].to(torch.float64)
-    shift_labels = labels[:, 1:].to(shift_logits.device)
-    keep = shift_labels != -100
-    picked = shift_logits[keep]
-    return float((torch.logsumexp(picked, -1) - picked.gather(-1, shift_labels[keep][:, None])[:, 0]).mean())
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    labels = labels.to(logits.device)
+    if in_dtype:
+        return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                       labels.reshape(-1), ignore_index=-100))
+    logits = logits.to(torch.float64)
+    keep = labels != -100
+    picked = logits[keep]
+    return float((torch.logsumexp(picked, -1) - picked.gather(-1, labels[keep][:, None])[:, 0]).mean())
 
 
 def _judge_loss(out: Any, ctx: Context) -> tuple[str | None, dict[str, Any]]:
-    """The returned loss is the cross-entropy of the returned logits (shifted by one); for kernel-
-    class variants it is also within 2x the logits' kernel bound of the golden logits' loss (the
-    cross-entropy moves at most 2 max|d logit| per token)."""
-    import torch
+    """The returned loss is the cross-entropy of the returned logits (shifted by one for a
+    decoder, `loss_labels`)."""
 
-    labels = causal_labels(ctx.ids, ctx.mask)
-    if not bool((labels[:, 1:] != -100).any()):
+    labels, shift = loss_labels(ctx.variant, ctx.ids, ctx.mask)
+    scored = labels[:, 1:] if shift else labels
+    if not bool((scored != -100).any()):
         return None, {"loss": "no token to predict (every row has one real token)"}
     loss = getattr(out, "loss", None)
     if loss is None:
         return "labels passed, no loss returned", {}
     loss = float(loss)
-    logits = out.logits.detach().to("cpu", torch.float64)
-    own = cross_entropy(logits, labels)
+    logits = out.logits.detach().to("cpu")
+    own = cross_entropy(logits, labels, shift)
     # some models return the loss in the run dtype (4.48's gpt_neox: bf16): allow its rounding
     tol = max(tolerances.LOSS_SELF_REL, compare.eps(ctx.dtype)) * max(1.0, abs(own))
     figures: dict[str, Any] = {"loss": loss, "loss_from_logits": own, "loss_self_diff": abs(loss - own),
                                "loss_self_bound": tol}
     if not abs(loss - own) <= tol:
+        how = "labels shifted by one" if shift else "labels unshifted"
         return (f"the returned loss {loss:.6g} is not the cross-entropy of the returned logits "
-                f"({own:.6g}, labels shifted by one; |diff| {abs(loss - own):.3g} > {tol:.3g})"), figures
+                f"({own:.6g}, {how}; |diff| {abs(loss - own):.3g} > {tol:.3g})"), figures
     return None, figures
 
 
@@ -256,13 +306,13 @@ def side_masks(loaded: Loaded, mask: Any) -> dict[str, Any]:
     is the same, a speech encoder's is its whole fixed-length output (it takes no padding mask)."""
     import torch
 
-    from conformance.zoo import SPEECH_TYPES
+    from conformance.zoo import speech_encoder, speech_encoder_positions
 
     real = mask.bool()
     config = loaded.model.config
-    if loaded.zoo.kind == "seq2seq" and config.model_type in SPEECH_TYPES:
+    if speech_encoder(config):
         return {"decoder": real,
-                "encoder": torch.ones(real.shape[0], int(config.max_source_positions), dtype=torch.bool)}
+                "encoder": torch.ones(real.shape[0], speech_encoder_positions(config), dtype=torch.bool)}
     return {"decoder": real, "encoder": real}
 
 
@@ -286,14 +336,24 @@ def _judge_attentions(out: Any, ctx: Context) -> tuple[str | None, dict[str, Any
             nones = sum(a is None for a in attentions) if attentions else 0
             return (f"{label}output_attentions=True returned {count} layers' weights ({nones} None) "
                     f"for {layers} layers"), figures
-        problem = _judge_stack(stack, attentions, ctx, sides, label, figures)
+        problem = _attention_leaks(stack, attentions, ctx, sides, label, figures)
         if problem:
             return problem, figures
-    return None, figures
+    if not ctx.kernel_class:
+        return None, figures
+
+    def differs(stack: AttentionStack, index: int, err: float, bound: float, ref_err: float) -> str:
+        label = "" if len(stacks) == 1 else f"{stack.field}: "
+        return (f"{label}layer {index}'s attention weights differ from eager float64's by {err:.3g} "
+                f"> bound {bound:.3g} (eager {ctx.dtype}'s own error {ref_err:.3g})")
+
+    return _against_golden(ctx, "output_attentions", stacks, out, "attention_err_per_layer",
+                           differs, figures), figures
 
 
-def _judge_stack(stack: AttentionStack, attentions: Any, ctx: Context, sides: dict[str, Any],
-                 label: str, figures: dict[str, Any]) -> str | None:
+def _attention_leaks(stack: AttentionStack, attentions: Any, ctx: Context, sides: dict[str, Any],
+                     label: str, figures: dict[str, Any]) -> str | None:
+    """No weight on a masked key, nor (causal stacks) above the diagonal, for a real query."""
     import torch
 
     eps = compare.eps(ctx.dtype)
@@ -315,95 +375,114 @@ def _judge_stack(stack: AttentionStack, attentions: Any, ctx: Context, sides: di
             return (f"{label}layer {index}'s attention weights put {leak:.3g} on masked keys or above "
                     f"the diagonal (> {eps:.3g})")
     figures["attention_leak" + suffix] = max(worst_leak, figures.get("attention_leak" + suffix, 0.0))
-    if not ctx.kernel_class:
-        return None
-    golden = _golden_attentions(ctx, stack)
-    plain = getattr(call_with(ctx.reference, ctx.ids, ctx.mask, {"output_attentions": True}), stack.field)
-    for index in range(len(attentions)):
-        err = ref_err = scale = 0.0
-        for row, want in enumerate(golden):
-            q, k = queries_real[row], keys_real[row]
-            got = attentions[index][row].detach().to("cpu", torch.float64)[:, q][:, :, k]
-            ref = plain[index][row].detach().to("cpu", torch.float64)[:, q][:, :, k]
-            err = max(err, float((got - want[index]).abs().max()))
-            ref_err = max(ref_err, float((ref - want[index]).abs().max()))
-            scale = max(scale, float(want[index].abs().max()))
-        bound = compare.kernel_bound(ref_err, scale, ctx.dtype)[0]
-        figures.setdefault("attention_err_per_layer" + suffix, []).append(err)
-        if not err <= bound:
-            return (f"{label}layer {index}'s attention weights differ from eager float64's by {err:.3g} "
-                    f"> bound {bound:.3g} (eager {ctx.dtype}'s own error {ref_err:.3g})")
     return None
 
 
-def _golden_attentions(ctx: Context, stack: AttentionStack) -> list[list[Any]]:
-    """Per row, each layer's golden weights over the row's real queries and keys."""
+def _real_part(layer_row: Any, queries: Any, keys: Any) -> Any:
+    """One row of one layer's output over its real positions, float64 on CPU: attention weights
+    [heads, queries, keys] over real queries and keys, a hidden state [positions, width] over its
+    real positions."""
     import torch
 
+    w = layer_row.detach().to("cpu", torch.float64)
+    return w[:, queries][:, :, keys] if w.dim() == 3 else w[queries]
+
+
+def _golden_layers(ctx: Context, flag: str, stacks: tuple[AttentionStack, ...]) -> dict[str, list[list[Any]]]:
+    """Per stack, per row, each layer's golden output over the row's real positions: from each
+    row alone (its every position real), or from the padded batch where golden is not per row.
+    One golden call per row serves every stack."""
+    import torch
+
+    rows = range(ctx.ids.shape[0])
     if ctx.per_row:
-        return _per_row_attentions(ctx.golden, ctx.ids, ctx.mask, stack)
-    whole = getattr(call_with(ctx.golden, ctx.ids, ctx.mask, {"output_attentions": True}), stack.field)
+        outs = []
+        for row in rows:
+            alone = ctx.ids[row][ctx.mask[row].bool()][None]
+            outs.append(call_with(ctx.golden, alone, torch.ones_like(alone), {flag: True}))
+        return {stack.field: [[_real_part(layer[0], slice(None), slice(None))
+                               for layer in getattr(out, stack.field)] for out in outs]
+                for stack in stacks}
+    whole = call_with(ctx.golden, ctx.ids, ctx.mask, {flag: True})
     sides = side_masks(ctx.golden, ctx.mask)
-    q, k = sides[stack.queries], sides[stack.keys]
-    return [[w[row].detach().to("cpu", torch.float64)[:, q[row]][:, :, k[row]] for w in whole]
-            for row in range(ctx.ids.shape[0])]
+    return {stack.field: [[_real_part(layer[row], sides[stack.queries][row], sides[stack.keys][row])
+                           for layer in getattr(whole, stack.field)] for row in rows]
+            for stack in stacks}
 
 
-def _per_row_attentions(golden: Loaded, ids: Any, mask: Any, stack: AttentionStack) -> list[list[Any]]:
-    import torch
+def _against_golden(ctx: Context, flag: str, stacks: tuple[AttentionStack, ...], out: Any,
+                    figure: str, differs: Callable[[AttentionStack, int, float, float, float], str],
+                    figures: dict[str, Any]) -> str | None:
+    """Each layer of each stack within the kernel bound of eager float64's, on every row's real
+    positions, in units of the plain reference's own error at that layer (`compare.kernel_bound`).
+    The reference and golden run once with `flag` for all stacks."""
+    plain = call_with(ctx.reference, ctx.ids, ctx.mask, {flag: True})
+    golden = _golden_layers(ctx, flag, stacks)
+    sides = side_masks(ctx.variant, ctx.mask)
+    for stack in stacks:
+        suffix = "" if len(stacks) == 1 else f"_{stack.field}"
+        got_layers, plain_layers = getattr(out, stack.field), getattr(plain, stack.field)
+        for index in range(len(got_layers)):
+            err = ref_err = scale = 0.0
+            for row, want in enumerate(golden[stack.field]):
+                q, k = sides[stack.queries][row], sides[stack.keys][row]
+                got = _real_part(got_layers[index][row], q, k)
+                ref = _real_part(plain_layers[index][row], q, k)
+                err = max(err, float((got - want[index]).abs().max()))
+                ref_err = max(ref_err, float((ref - want[index]).abs().max()))
+                scale = max(scale, float(want[index].abs().max()))
+            bound = compare.kernel_bound(ref_err, scale, ctx.dtype)[0]
+            figures.setdefault(figure + suffix, []).append(err)
+            if not err <= bound:
+                return differs(stack, index, err, bound, ref_err)
+    return None
 
-    out = []
-    for row in range(ids.shape[0]):
-        real = mask[row].bool()
-        alone = ids[row][real][None]
-        called = call_with(golden, alone, torch.ones_like(alone), {"output_attentions": True})
-        out.append([w[0].detach().to("cpu", torch.float64) for w in getattr(called, stack.field)])
-    return out
+
+# the hidden states a model returns, per side: one stack (decoders, encoders) or an
+# encoder-decoder's two (a side's queries and keys are its own positions)
+DECODER_STATES = AttentionStack("hidden_states", True, "decoder", "decoder")
+ENCODER_STATES = AttentionStack("hidden_states", False, "encoder", "encoder")
+SEQ2SEQ_STATES = (AttentionStack("encoder_hidden_states", False, "encoder", "encoder"),
+                  AttentionStack("decoder_hidden_states", True, "decoder", "decoder"))
+
+
+def state_stacks(kind: str) -> tuple[AttentionStack, ...]:
+    return {"decoder": (DECODER_STATES,), "seq2seq": SEQ2SEQ_STATES}.get(kind, (ENCODER_STATES,))
 
 
 def _judge_hidden_states(out: Any, ctx: Context) -> tuple[str | None, dict[str, Any]]:
-    """One hidden state per layer and the embeddings; kernel-class variants: each within the
-    kernel bound of eager float64's on each row alone, in units of the plain reference's own
-    error at that layer."""
-    import torch
-
-    states = getattr(out, "hidden_states", None)
-    layers = int(ctx.variant.model.config.num_hidden_layers)
-    if states is None or len(states) != layers + 1:
-        return (f"output_hidden_states=True returned {0 if states is None else len(states)} states for "
-                f"{layers} layers (expected {layers + 1})"), {}
-    figures: dict[str, Any] = {"hidden_states": len(states)}
-    nested = [index for index, state in enumerate(states) if getattr(state, "is_nested", False)]
-    if nested:  # BetterTransformer's encoder packs a padded batch between its layers
-        figures["nested_hidden_states"] = nested
-        return (f"output_hidden_states=True returned hidden states {nested} as NestedTensors (a packed "
-                f"layout), where the plain call returns [batch, seq, hidden] tensors: indexing them "
-                f"fails (aten::index has no NestedTensor kernel)"), figures
+    """One hidden state per layer and the embeddings, for each side an encoder-decoder has;
+    kernel-class variants: each within the kernel bound of eager float64's on each row alone, in
+    units of the plain reference's own error at that layer."""
+    kind = ctx.variant.zoo.kind
+    stacks = state_stacks(kind)
+    figures: dict[str, Any] = {}
+    for stack in stacks:
+        label = "" if len(stacks) == 1 else f"{stack.field}: "
+        suffix = "" if len(stacks) == 1 else f"_{stack.field}"
+        states = getattr(out, stack.field, None)
+        layers = stack_layers(ctx.variant.model.config, stack, kind)
+        if states is None or len(states) != layers + 1:
+            return (f"{label}output_hidden_states=True returned {0 if states is None else len(states)} "
+                    f"states for {layers} layers (expected {layers + 1})"), figures
+        figures["hidden_states" + suffix] = len(states)
+        nested = [index for index, state in enumerate(states) if getattr(state, "is_nested", False)]
+        if nested:  # BetterTransformer's encoder packs a padded batch between its layers
+            figures["nested_hidden_states" + suffix] = nested
+            return (f"{label}output_hidden_states=True returned hidden states {nested} as NestedTensors "
+                    f"(a packed layout), where the plain call returns [batch, seq, hidden] tensors: "
+                    f"indexing them fails (aten::index has no NestedTensor kernel)"), figures
     if not ctx.kernel_class:
         return None, figures
-    real = ctx.mask.bool()
-    plain = call_with(ctx.reference, ctx.ids, ctx.mask, {"output_hidden_states": True}).hidden_states
-    golden: list[list[Any]] = []
-    if ctx.per_row:
-        for row in range(ctx.ids.shape[0]):
-            alone = ctx.ids[row][real[row]][None]
-            hs = call_with(ctx.golden, alone, torch.ones_like(alone),
-                           {"output_hidden_states": True}).hidden_states
-            golden.append([h[0].detach().to("cpu", torch.float64) for h in hs])
-    else:  # an encoder's left-padded batch: golden on the padded batch itself
-        hs = call_with(ctx.golden, ctx.ids, ctx.mask, {"output_hidden_states": True}).hidden_states
-        golden.append([compare.on_real(h.detach().to("cpu", torch.float64), ctx.mask) for h in hs])
-    for index in range(layers + 1):
-        want = torch.cat([g[index] for g in golden])
-        got = compare.on_real(states[index].detach().to("cpu", torch.float64), ctx.mask)
-        ref = compare.on_real(plain[index].detach().to("cpu", torch.float64), ctx.mask)
-        err, ref_err = float((got - want).abs().max()), float((ref - want).abs().max())
-        bound = compare.kernel_bound(ref_err, float(want.abs().max()), ctx.dtype)[0]
-        figures.setdefault("hidden_err_per_layer", []).append(err)
-        if not err <= bound:
-            return (f"hidden state {index} (after {'the embeddings' if index == 0 else f'layer {index - 1}'}"
-                    f") differs from eager float64's by {err:.3g} > bound {bound:.3g}"), figures
-    return None, figures
+
+    def differs(stack: AttentionStack, index: int, err: float, bound: float, ref_err: float) -> str:
+        label = "" if len(stacks) == 1 else f"{stack.field}: "
+        after = "the embeddings" if index == 0 else f"layer {index - 1}"
+        return (f"{label}hidden state {index} (after {after}) differs from eager float64's by "
+                f"{err:.3g} > bound {bound:.3g}")
+
+    return _against_golden(ctx, "output_hidden_states", stacks, out, "hidden_err_per_layer",
+                           differs, figures), figures
 
 
 def call_with(loaded: Loaded, ids: Any, mask: Any, extra: dict[str, Any]) -> Any:

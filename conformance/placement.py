@@ -19,7 +19,7 @@ from conformance.compat import dtype_kwarg, parse_dtype
 from conformance.running import Loaded, LoadError, model_inputs, speech_inputs
 from conformance.strategies import BatchSpec
 from conformance.variants import Variant
-from conformance.zoo import SPEECH_TYPES, ZooModel, auto_class
+from conformance.zoo import ZooModel, auto_class, speech_encoder
 
 OFFLOADED = ("cpu", "disk")  # map values that are not an accelerator index
 
@@ -471,7 +471,7 @@ def generate_inputs(loaded: Loaded, batch: BatchSpec) -> dict[str, Any]:
     a speech encoder-decoder's encoder features alone, its decoder starting from the start token."""
     inputs = model_inputs(loaded, batch)
     inputs.pop("position_ids", None)
-    if loaded.zoo.kind == "seq2seq" and loaded.model.config.model_type in SPEECH_TYPES:
+    if speech_encoder(loaded.model.config):
         inputs = {"input_features": speech_inputs(loaded, inputs)["input_features"]}
     return inputs
 

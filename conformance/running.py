@@ -15,7 +15,14 @@ from conformance.sizing import GoldenChoice, available_memory, golden_choice, pa
 from conformance.strategies import BatchSpec
 from conformance.timing import cache_load
 from conformance.variants import Variant
-from conformance.zoo import SPEECH_TYPES, ZooModel, auto_class, local_dir, materialize
+from conformance.zoo import (
+    ZooModel,
+    auto_class,
+    local_dir,
+    materialize,
+    speech_encoder,
+    speech_encoder_positions,
+)
 
 
 class LoadError(Exception):
@@ -170,11 +177,11 @@ def with_decoder_inputs(loaded: Loaded, inputs: dict[str, Any]) -> dict[str, Any
     position (a row's decoder tokens are the same alone and padded, so every check's batch, its
     mask and its real positions serve both sides). A speech encoder (Whisper) reads no tokens:
     the drawn tokens and mask are the decoder's, and the encoder gets log-mel features drawn from
-    each row's real tokens (`speech_inputs`). Inputs that already carry decoder ids, or are not
-    token ids (a cache step), pass through."""
-    if "decoder_input_ids" in inputs or "input_ids" not in inputs:
+    each row's real tokens (`speech_inputs`). Inputs that already carry decoder ids or embeddings,
+    or are not token ids (a cache step), pass through."""
+    if "decoder_input_ids" in inputs or "decoder_inputs_embeds" in inputs or "input_ids" not in inputs:
         return inputs
-    if loaded.model.config.model_type in SPEECH_TYPES:
+    if speech_encoder(loaded.model.config):
         return speech_inputs(loaded, inputs)
     from conformance.strategies import FIRST_TOKEN
 
@@ -194,7 +201,7 @@ def speech_inputs(loaded: Loaded, inputs: dict[str, Any]) -> dict[str, Any]:
     """A speech encoder-decoder's call: the tokens and mask move to the decoder, and each row's
     encoder input is `strategies.log_mel_features` of its real tokens, in the dtype and on the
     device of the encoder's first convolution. The encoder takes no padding mask: its input is
-    always the full fixed-length window (2 x max_source_positions frames)."""
+    always the full fixed-length window (`zoo.speech_encoder_positions`)."""
     import torch
 
     from conformance.strategies import log_mel_features
@@ -203,7 +210,7 @@ def speech_inputs(loaded: Loaded, inputs: dict[str, Any]) -> dict[str, Any]:
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask")
     real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
-    frames = 2 * int(config.max_source_positions)  # two convolutions, the second of stride 2
+    frames = 2 * speech_encoder_positions(config)
     features = torch.stack([log_mel_features(ids[row][real[row]].cpu(), int(config.num_mel_bins), frames)
                             for row in range(ids.shape[0])])
     conv = getattr(loaded.model.get_encoder(), "conv1", None)  # an exported graph: fp32 features
@@ -222,7 +229,7 @@ def encoder_decoder_inputs(loaded: Loaded, encoder: tuple[Any, Any],
     model's device."""
     (encoder_ids, encoder_mask), (decoder_ids, decoder_mask) = encoder, decoder
     inputs = {"input_ids": encoder_ids, "attention_mask": encoder_mask}
-    if loaded.model.config.model_type in SPEECH_TYPES:
+    if speech_encoder(loaded.model.config):
         inputs = speech_inputs(loaded, inputs)
     inputs.update(decoder_input_ids=decoder_ids, decoder_attention_mask=decoder_mask)
     return {key: value.to(loaded.device) for key, value in inputs.items()}

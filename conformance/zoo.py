@@ -28,6 +28,18 @@ ENCODER_TYPES = frozenset({
 SPEECH_TYPES = frozenset({"whisper"})
 SEQ2SEQ_TYPES = frozenset({"t5", "mt5", "bart", "mbart"}) | SPEECH_TYPES
 KIND_TYPES = {"decoder": DECODER_TYPES, "encoder": ENCODER_TYPES, "seq2seq": SEQ2SEQ_TYPES}
+
+
+def speech_encoder(config: Any) -> bool:
+    """Whether a model's encoder reads audio features (Whisper), not token ids: it takes no padding
+    mask and its input is always a fixed-length window."""
+    return getattr(config, "model_type", None) in SPEECH_TYPES
+
+
+def speech_encoder_positions(config: Any) -> int:
+    """How many positions a speech encoder's output has: max_source_positions. Its input window is
+    twice that many frames: two convolutions, the second of stride 2."""
+    return int(config.max_source_positions)
 INIT_SEED = 20231120
 
 
@@ -279,7 +291,7 @@ class AnySeq2Seq:
     def _auto(config: Any) -> Any:
         from transformers import AutoModelForSeq2SeqLM, AutoModelForSpeechSeq2Seq
 
-        return AutoModelForSpeechSeq2Seq if config.model_type in SPEECH_TYPES else AutoModelForSeq2SeqLM
+        return AutoModelForSpeechSeq2Seq if speech_encoder(config) else AutoModelForSeq2SeqLM
 
     @classmethod
     def from_config(cls, config: Any, **kwargs: Any) -> Any:

@@ -464,7 +464,8 @@ def test_nested_hidden_states_are_a_verdict_not_a_crash() -> None:
     packed = torch.nested.nested_tensor([torch.zeros(3, 4), torch.zeros(1, 4)])
     out = SimpleNamespace(hidden_states=(padded, packed, padded))
     config = SimpleNamespace(num_hidden_layers=2)
-    ctx = SimpleNamespace(variant=SimpleNamespace(model=SimpleNamespace(config=config)))
+    ctx = SimpleNamespace(variant=SimpleNamespace(model=SimpleNamespace(config=config),
+                                                  zoo=SimpleNamespace(kind="encoder")))
     problem, figures = _judge_hidden_states(out, ctx)
     assert problem is not None and "hidden states [1] as NestedTensors" in problem
     assert figures["nested_hidden_states"] == [1]

@@ -78,9 +78,9 @@ def ort_class(kind: str, source: Any) -> Any:
     if kind == "seq2seq":
         from transformers import AutoConfig
 
-        from conformance.zoo import SPEECH_TYPES
+        from conformance.zoo import speech_encoder
 
-        speech = AutoConfig.from_pretrained(source).model_type in SPEECH_TYPES
+        speech = speech_encoder(AutoConfig.from_pretrained(source))
         return ORTModelForSpeechSeq2Seq if speech else ORTModelForSeq2SeqLM
     return ORTModelForCausalLM if kind == "decoder" else ORTModelForFeatureExtraction
 
