@@ -243,6 +243,7 @@ def cross_entropy(logits: Any, labels: Any, shift: bool = True, in_dtype: bool =
 def _judge_loss(out: Any, ctx: Context) -> tuple[str | None, dict[str, Any]]:
     """The returned loss is the cross-entropy of the returned logits (shifted by one for a
     decoder, `loss_labels`)."""
+    import torch
 
     labels, shift = loss_labels(ctx.variant, ctx.ids, ctx.mask)
     scored = labels[:, 1:] if shift else labels
@@ -251,13 +252,18 @@ def _judge_loss(out: Any, ctx: Context) -> tuple[str | None, dict[str, Any]]:
     loss = getattr(out, "loss", None)
     if loss is None:
         return "labels passed, no loss returned", {}
+    low_precision = loss.dtype not in (torch.float32, torch.float64)
     loss = float(loss)
     logits = out.logits.detach().to("cpu")
     own = cross_entropy(logits, labels, shift)
     # some models return the loss in the run dtype (4.48's gpt_neox: bf16): allow its rounding
     tol = max(tolerances.LOSS_SELF_REL, compare.eps(ctx.dtype)) * max(1.0, abs(own))
-    figures: dict[str, Any] = {"loss": loss, "loss_from_logits": own, "loss_self_diff": abs(loss - own),
-                               "loss_self_bound": tol}
+    figures: dict[str, Any] = {"loss": loss, "loss_from_logits": own, "loss_self_diff": abs(loss - own)}
+    if low_precision:  # and where it computes it there (encoder-decoders): a cross-entropy's rounding
+        rounding = abs(cross_entropy(logits, labels, shift, in_dtype=True) - own)
+        figures["loss_rounding"] = rounding
+        tol = max(tol, tolerances.LOSS_ROUNDING_K * rounding)
+    figures["loss_self_bound"] = tol
     if not abs(loss - own) <= tol:
         how = "labels shifted by one" if shift else "labels unshifted"
         return (f"the returned loss {loss:.6g} is not the cross-entropy of the returned logits "
@@ -507,11 +513,13 @@ OPTIONS: dict[str, Option] = {o.name: o for o in [
            same_kernels=False),
     Option("use_cache_true", "use_cache=True", DECODER | SEQ2SEQ, _flag("use_cache", True)),
     Option("inputs_embeds", "inputs_embeds (the model's own embeddings of the ids) instead of input_ids",
-           BOTH, _inputs_embeds),
+           BOTH | SEQ2SEQ, _inputs_embeds),
+    Option("decoder_inputs_embeds", "decoder_inputs_embeds (the decoder's own embeddings of its ids) "
+           "instead of decoder_input_ids", SEQ2SEQ, _decoder_inputs_embeds),
     Option("token_type_ids", "token_type_ids of zeros (the default segment)", ENCODER, _token_type_ids),
     Option("output_hidden_states", "output_hidden_states=True: every layer's state",
-           BOTH, _flag("output_hidden_states", internals=True), extra=_judge_hidden_states),
-    Option("labels", "labels: the loss is the cross-entropy of the logits", DECODER, _labels,
+           BOTH | SEQ2SEQ, _flag("output_hidden_states", internals=True), extra=_judge_hidden_states),
+    Option("labels", "labels: the loss is the cross-entropy of the logits", DECODER | SEQ2SEQ, _labels,
            extra=_judge_loss),
     Option("cache_position", "an explicit cache_position", DECODER, _cache_position),
     Option("mask_none_cached", "no attention_mask at any step of cached decoding (vs all ones)",

@@ -149,6 +149,23 @@ def _loss_labels_shifted() -> None:
             loss_utils.LOSS_MAPPING[key] = shifted
 
 
+def _embeds_drop_encoder_mask() -> None:
+    """T5's encoder given inputs_embeds (no input_ids) drops the attention mask, as a mask builder
+    keyed on input_ids would: its real tokens attend to the pads."""
+    from transformers.models.t5 import modeling_t5
+
+    stack = modeling_t5.T5Stack
+    original = stack.forward
+
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        embeds_only = kwargs.get("inputs_embeds") is not None and kwargs.get("input_ids") is None
+        if not self.is_decoder and embeds_only:
+            kwargs = {**kwargs, "attention_mask": None}
+        return original(self, *args, **kwargs)
+
+    stack.forward = forward
+
+
 FAULTS = [
     OptionFault("mask_dropped_with_weights", "llama", "eager", "fp32", "output_attentions",
                 "output_attentions", "option output_attentions vs the plain call", LAYER,
@@ -162,11 +179,15 @@ FAULTS = [
     OptionFault("loss_labels_shifted", "llama", "sdpa", "fp32", "options", "labels",
                 "is not the cross-entropy of the returned logits", None,
                 "the causal-LM loss is computed on labels shifted by two"),
+    OptionFault("embeds_drop_encoder_mask", "t5", "eager", "fp32", "options", "inputs_embeds",
+                "option inputs_embeds vs the plain call", None,
+                "an encoder-decoder's encoder given inputs_embeds drops the attention mask"),
 ]
 PLANT = {"mask_dropped_with_weights": _mask_dropped_with_weights,
          "unmasked_cached_chunk": _unmasked_cached_chunk,
          "legacy_layout_swapped": _legacy_layout_swapped,
-         "loss_labels_shifted": _loss_labels_shifted}
+         "loss_labels_shifted": _loss_labels_shifted,
+         "embeds_drop_encoder_mask": _embeds_drop_encoder_mask}
 
 
 def unavailable(name: str) -> str | None:
