@@ -297,6 +297,24 @@ def _experts_kernel_next_expert() -> None:
     mapping["grouped_mm"] = shifted
 
 
+def _whisper_positions_restart() -> None:
+    """Whisper's decoder positions (a learned table indexed from the cache's length) restart at 0
+    on every cached step: a forward without a cache, or its prefill, is right."""
+    from transformers.models.whisper import modeling_whisper
+
+    table = modeling_whisper.WhisperPositionalEmbedding
+    original = table.forward
+
+    @functools.wraps(original)
+    def forward(self: Any, input_ids: Any, *args: Any, **kwargs: Any) -> Any:
+        positions = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+        if positions is None:
+            return self.weight[: input_ids.shape[1]]
+        return self.weight[positions - positions[..., :1]]  # each chunk counted from its start
+
+    table.forward = forward
+
+
 PLANT: dict[str, Callable[[], None]] = {
     "sliding_window_dropped_sdpa": _sliding_window_dropped_sdpa,
     "sdpa_skips_padding_mask": _sdpa_skips_padding_mask,
@@ -313,6 +331,7 @@ PLANT: dict[str, Callable[[], None]] = {
     "eager_mask_drops_padding": _eager_mask_drops_padding,
     "sdpa_unmasked_not_causal": _sdpa_unmasked_not_causal,
     "experts_kernel_next_expert": _experts_kernel_next_expert,
+    "whisper_positions_restart": _whisper_positions_restart,
 }
 
 FAULTS: list[IntegrationFault] = [
@@ -351,6 +370,10 @@ FAULTS: list[IntegrationFault] = [
                      "dynamic", "cache decoding in chunks",
                      "encoder-decoder cache reports one token too many: decoder positions shift by "
                      "one on cached steps"),
+    IntegrationFault("whisper_positions_restart", "whisper", "sdpa", "fp32", "cache_consistency",
+                     "dynamic", "cache decoding in chunks",
+                     "Whisper's decoder positions restart at 0 on every cached step (its learned "
+                     "position table read from 0, not from the cache's length)"),
     IntegrationFault("eager_mask_drops_padding", "llama", "eager", "fp32", "logits", "pad_left",
                      "REF failure",
                      "the eager mask builder drops the padding mask (the plain path is wrong)"),
@@ -364,10 +387,16 @@ FAULTS: list[IntegrationFault] = [
 ]
 
 
+# faults whose target is a model's own module, in every release of the range (not masking_utils)
+OWN_TARGETS = frozenset({"whisper_positions_restart"})
+
+
 def unavailable(name: str) -> str | None:
     """Why this transformers has no target for the fault, or None."""
     import importlib.util
 
+    if name in OWN_TARGETS:
+        return None
     if importlib.util.find_spec("transformers.masking_utils") is None:  # asked without importing
         return "its target, transformers.masking_utils, is transformers >= 4.53 only"
     if name == "experts_kernel_next_expert" and importlib.util.find_spec(
