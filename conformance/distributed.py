@@ -46,6 +46,8 @@ BATCH_EXTRA = 12  # length of the neighbour added to the reordered rows
 CACHE = BatchSpec((12, 7), "left", seed=15)
 CACHE_CHUNKS = [5, 3, 1, 1, 1, 1]
 GENERATION_PICKS = [(0, 12), (1, 5), (2, 20)]  # (prompt index, truncated to)
+# a mixture of experts without trained weights (ep2's only model): token prompts of these lengths
+TOKEN_PROMPTS = BatchSpec((12, 5, 20), "none", seed=17)
 NEW_TOKENS = 12
 SAVE_BATCH = BatchSpec((9, 4), "right", seed=16)
 
@@ -363,3 +365,23 @@ def limit_outcome(entry: dict[str, Any], logits: Any) -> tuple[str, str | None]:
         raised = logits["error"] if isinstance(logits, dict) else "no output written"
         return "crashed", f"accepted at load (no refusal), then its forward raised on rank 0: {raised}"
     return "ran", None
+
+
+def generation_rows(zoo_model: Any, vocab_size: int) -> list[Any] | None:
+    """The prompts the ranks generate from, each row's tokens: the shipped prompts under a trained
+    model's tokenizer (GENERATION_PICKS); for a mixture of experts without trained weights, fixed
+    token rows (TOKEN_PROMPTS), so that expert parallelism, which only such a model takes, is
+    judged on greedy decoding too. None for any other model."""
+    import torch
+
+    from conformance import generation
+    from conformance.routing import routed_k
+    from conformance.zoo import model_config
+
+    if zoo_model.trained:
+        corpus = generation.prompts(zoo_model.location)
+        return [torch.tensor(corpus[i][:n]) for i, n in GENERATION_PICKS] if corpus else None
+    if routed_k(model_config(zoo_model)):
+        return TOKEN_PROMPTS.rows(vocab_size)
+    return None
+

@@ -116,7 +116,7 @@ def _packed_slice(param: Any, full: Any) -> Any:
 def _run_entry(entry: dict[str, Any], spec: dict[str, Any], rank: int, out: Path) -> tuple[dict, dict]:
     import torch
 
-    from conformance import decoding, generation
+    from conformance import decoding
     from conformance import distributed as dist_plan
     from conformance.probes import OpCounter
     from conformance.running import forward, forward_ids, forward_per_row, load
@@ -179,9 +179,8 @@ def _run_entry(entry: dict[str, Any], spec: dict[str, Any], rank: int, out: Path
     ids, mask = dist_plan.CACHE.materialize(loaded.vocab_size, loaded.pad_id)
     task("cache/full", lambda: decoding.full_with_cache_off(loaded, ids, mask))
     task("cache/dynamic", lambda: decoding.incremental(loaded, ids, mask, dist_plan.CACHE_CHUNKS, "dynamic"))
-    corpus = generation.prompts(zoo_model.location) if zoo_model.trained else None
-    if corpus:
-        prompt_rows = [torch.tensor(corpus[i][:n]) for i, n in dist_plan.GENERATION_PICKS]
+    prompt_rows = dist_plan.generation_rows(zoo_model, loaded.vocab_size)
+    if prompt_rows:
         gids, gmask = pad_rows(prompt_rows, "left", loaded.pad_id)
         task("generation", lambda: decoding.greedy(loaded, gids, gmask, dist_plan.NEW_TOKENS))
     saved = workdir / "distributed-saved" / f"{zoo_model.name}-{variant.id}-{dtype}"

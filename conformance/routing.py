@@ -23,9 +23,14 @@ from conformance.strategies import BatchSpec
 
 def experts_per_token(model: Any) -> int | None:
     """k of a mixture of experts' top-k routing; None for a dense model."""
-    config = getattr(model, "config", None)
-    k = getattr(config, "num_experts_per_tok", None)
-    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    return routed_k(getattr(model, "config", None))
+
+
+def routed_k(config: Any) -> int | None:
+    """`experts_per_token` from a config object, or a config.json's dict."""
+    field = config.get if isinstance(config, dict) else lambda name: getattr(config, name, None)
+    k = field("num_experts_per_tok")
+    experts = field("num_local_experts") or field("num_experts")
     return int(k) if k and experts and int(experts) > int(k) else None
 
 

@@ -72,6 +72,18 @@ class ZooModel:
                 f"than this stack's {transformers.__version__}): it runs on the current stack")
 
 
+def model_config(model: ZooModel) -> dict[str, Any]:
+    """A zoo model's config.json as a dict (a config file, or a checkpoint folder's); {} where
+    there is none on disk (a hub id)."""
+    path = Path(model.location)
+    path = path / "config.json" if path.is_dir() else path
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
 def fixtures_dir() -> Path:
     """The shipped fixtures, whether running from the repo or from an installed wheel."""
     try:

@@ -10,7 +10,8 @@ gloo on CPU, nccl on GPUs); the checks here judge what rank 0 wrote back with th
   runs replicated, or a shard on the wrong rank, fails here;
 - logits against the golden run (kernel tolerance: the sharded reduction order changes rounding);
 - padding and batch invariance, cache consistency (rounding-noise units, as test_properties);
-- greedy generation on the trained decoder (near-tie rule, golden decoding);
+- greedy generation on the trained decoder, and on the mixture of experts from fixed token
+  prompts (near-tie rule, golden decoding);
 - save/load: a sharded model saved with save_pretrained reloads, in one process, to the whole model.
 """
 
@@ -29,10 +30,11 @@ from conformance import compare, decoding, distributed, generation
 from conformance.cases import Case, Selection
 from conformance.checks import golden_outputs, load_or_fail, max_len, reference_noise
 from conformance.outcomes import not_applicable
+from conformance.routing import routed_k
 from conformance.running import LoadError, ModelCache, forward, load
 from conformance.strategies import pad_rows
 from conformance.variants import REFERENCE, REGISTRY, SHARDING_LIMITS
-from conformance.zoo import ZooModel, auto_class, materialize
+from conformance.zoo import ZooModel, auto_class, materialize, model_config
 
 DIST = {"distributed": True}
 PROPERTY_MAX_LEN = 65
@@ -313,17 +315,21 @@ def test_distributed_cache_consistency(case: Case, group: Any, model_cache: Mode
            f"dynamic-cache decoding in chunks {distributed.CACHE_CHUNKS} vs one full forward")
 
 
-@pytest.mark.cases(model_filter=lambda model: model.trained, **DIST)
+def _generates(model: ZooModel) -> bool:
+    """Trained models, and a mixture of experts (ep2 takes nothing else): `distributed.generation_rows`."""
+    return model.trained or routed_k(model_config(model)) is not None
+
+
+@pytest.mark.cases(model_filter=_generates, **DIST)
 def test_distributed_generation(case: Case, group: Any, model_cache: ModelCache,
                                 metrics: dict[str, Any]) -> None:
     import torch
 
     result, _ = group()
     _, reference, golden = load_or_fail(model_cache, replace(case, variant=REGISTRY[REFERENCE]))
-    corpus = generation.prompts(case.model.location)
-    if not corpus:
+    rows = distributed.generation_rows(case.model, reference.vocab_size)
+    if not rows:
         pytest.skip(f"{case.model.name} has no tokenizer to encode the shipped prompts with")
-    rows = [torch.tensor(corpus[i][:n]) for i, n in distributed.GENERATION_PICKS]
     ids, mask = pad_rows(rows, "left", reference.pad_id)
     ref_tokens, ref_logits = decoding.greedy(reference, ids, mask, distributed.NEW_TOKENS)
     var_tokens, _ = _out(result, case, "generation")
