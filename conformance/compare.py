@@ -107,27 +107,27 @@ def noise_unit(ref_err: float, scale: float, dtype: str) -> float:
     return min(ref_err, envelope)
 
 
-def kernel_bound(ref_err: float, scale: float, dtype: str) -> tuple[float, float, float]:
+def kernel_bound(ref_err: float, scale: float, dtype: str, kind: str = "") -> tuple[float, float, float]:
     """(bound, reference error used, floor): K * noise_unit + floor_ulps * eps * scale, the one
     formula every kernel-class verdict (logits, generation's near ties) applies."""
-    tol = tolerances.kernel(dtype)
+    tol = tolerances.kernel(dtype, kind)
     used = noise_unit(ref_err, scale, dtype)
     return tol.bound(used, eps(dtype), scale), used, tol.floor(eps(dtype), scale)
 
 
 def kernel_verdict(
-    variant: Any, reference: Any, golden: Any, real: Any, dtype: str
+    variant: Any, reference: Any, golden: Any, real: Any, dtype: str, kind: str = ""
 ) -> tuple[str | None, dict[str, float]]:
     """max|variant - golden| <= K * min(max|reference - golden|, envelope) + floor, on real
     tokens: the reference's error counts only up to its own envelope, so a broken plain path (or
-    a bug shared with it) never widens a variant's bound."""
-    tol = tolerances.kernel(dtype)
+    a bug shared with it) never widens a variant's bound. `kind`: a model kind's own floor."""
+    tol = tolerances.kernel(dtype, kind)
     sel = real[..., None].expand_as(golden)
     err = (variant - golden).abs()[sel]
     ref_err = float((reference - golden).abs()[sel].max())
     scale = float(golden.abs()[sel].max())
     envelope = reference_envelope(dtype, scale)
-    bound, used, floor = kernel_bound(ref_err, scale, dtype)
+    bound, used, floor = kernel_bound(ref_err, scale, dtype, kind)
     worst = float(err.max())
     figures = {
         "max_abs_err": worst,
@@ -161,7 +161,7 @@ def variant_verdict(
     """The rule a registry record declares (`Variant.tolerance`): a kernel-class path against K x
     the reference's error, a quantized one against its scheme's relative-L2 bound."""
     if record.kernel_class:
-        return kernel_verdict(variant, reference, golden, real, dtype)
+        return kernel_verdict(variant, reference, golden, real, dtype, kind)
     return quant_verdict(variant, golden, real, dtype, record.tolerance, kind)
 
 

@@ -88,12 +88,12 @@ def allowed_error(loaded: Loaded, reference: Loaded, golden: Loaded, prefix: Any
         bound = tolerances.quant(loaded.variant.tolerance).max_rel_l2
         return bound * float(gold.pow(2).mean().sqrt())
     plain = step_logits(reference, prefix)[-1]
-    return kernel_allowed(plain, gold, loaded.dtype)
+    return kernel_allowed(plain, gold, loaded.dtype, loaded.zoo.kind)
 
 
-def kernel_allowed(plain: Any, gold: Any, dtype: str) -> float:
-    """K x the plain path's error on these logits, capped at its envelope, + floor."""
-    bound, _, _ = kernel_bound(float((plain - gold).abs().max()), float(gold.abs().max()), dtype)
+def kernel_allowed(plain: Any, gold: Any, dtype: str, kind: str = "") -> float:
+    """K x the plain path's error on these logits, capped at its envelope, + the kind's floor."""
+    bound, _, _ = kernel_bound(float((plain - gold).abs().max()), float(gold.abs().max()), dtype, kind)
     return bound
 
 
@@ -131,7 +131,7 @@ def golden_departures(
                 continue
             margin = float(gold[step, want] - gold[step, got])
             if plain is not None:
-                threshold = 2 * kernel_allowed(plain[step], gold[step], loaded.dtype)
+                threshold = 2 * kernel_allowed(plain[step], gold[step], loaded.dtype, loaded.zoo.kind)
             else:
                 threshold = near_tie_threshold(loaded, reference, golden,
                                                prefix_of(loaded.zoo.kind, prompt, tokens[row, :step]))

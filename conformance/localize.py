@@ -158,12 +158,13 @@ def _max_abs(a: Any, b: Any) -> float:
 
 
 def first_divergence(variant: dict[Point, Any] | None, reference: dict[Point, Any] | None,
-                     golden: dict[Point, Any] | None, dtype: str) -> dict[str, Any]:
-    """The first point where the variant's error against golden leaves its kernel bound."""
+                     golden: dict[Point, Any] | None, dtype: str, kind: str = "") -> dict[str, Any]:
+    """The first point where the variant's error against golden leaves its kernel bound (the
+    model kind's, as the logits' verdict)."""
     if variant is None or reference is None or golden is None:
         return {"text": "localization unavailable: no layer list found in this model"}
     checked = _checked((variant, reference, golden), lambda v, r, g: (
-        _max_abs(v, g), compare.kernel_bound(_max_abs(r, g), float(g.abs().max()), dtype)[0]))
+        _max_abs(v, g), compare.kernel_bound(_max_abs(r, g), float(g.abs().max()), dtype, kind)[0]))
     if not checked:
         return {"text": "localization unavailable: the hooked points do not line up with golden"}
     return _first_out(checked, "first divergence", "err") or {
@@ -211,7 +212,8 @@ def localize(variant: Any, reference: Any, golden: Any, batch: Any, dtype: str,
         plain, gold = _unit_traces(reference, golden, batch, ids, mask)
     except Exception as exc:
         return _failed(exc)
-    return first_divergence(on_real(traced, mask) if traced is not None else None, plain, gold, dtype)
+    return first_divergence(on_real(traced, mask) if traced is not None else None, plain, gold, dtype,
+                            variant.zoo.kind)
 
 
 def between(first: dict[Point, Any] | None, second: dict[Point, Any] | None,

@@ -437,7 +437,7 @@ def _against_golden(ctx: Context, flag: str, stacks: tuple[AttentionStack, ...],
                 err = max(err, float((got - want[index]).abs().max()))
                 ref_err = max(ref_err, float((ref - want[index]).abs().max()))
                 scale = max(scale, float(want[index].abs().max()))
-            bound = compare.kernel_bound(ref_err, scale, ctx.dtype)[0]
+            bound = compare.kernel_bound(ref_err, scale, ctx.dtype, ctx.variant.zoo.kind)[0]
             figures.setdefault(figure + suffix, []).append(err)
             if not err <= bound:
                 return differs(stack, index, err, bound, ref_err)

@@ -48,6 +48,21 @@ KERNEL: dict[str, KernelTolerance] = {
     "fp16": KernelTolerance(k=2.0, floor_ulps=1.0),
 }
 
+# A kind's own entry where its models need a wider floor (kernel-class verdicts of a variant
+# against golden: logits, round-trips, sharding; the invariance properties keep KERNEL).
+# Encoder-decoders in fp32: the trained BART's SDPA paths were 38-69 ulps of max|golden| from
+# golden on batches where eager happened to be 8.7-23 (nopad too), so floor + 2 x reference did not
+# cover them: 10 of 12 sdpa* test_logits rows failed on tiny-bart-trained (nightly profile, seed 1,
+# transformers 5.24, 2026-12-07), 3 on legacy ci (4.48.3, 9.67e-05 > 3.8e-05). That disagreement
+# is the model's, not fp32's: in float64 the same SDPA paths sit 68.2 ulps from golden
+# (FLOAT64_AGREEMENT_ULPS, "seq2seq"), where eager on a padded batch sits 12.3. Floor = that
+# measured agreement envelope (2 x 68.2, rounded up). Worst excess seen, variant - 2 x reference,
+# in fp32 ulps: tiny-bart-trained 50.9, t5 -2.3, bart -0.9, whisper -3.0; decoders and encoders at
+# most 2.0 (minilm), under the 8-ulp floor, so their floor stays. bf16: worst excess -0.4.
+KERNEL_BY_KIND: dict[str, dict[str, KernelTolerance]] = {
+    "seq2seq": {"fp32": KernelTolerance(k=2.0, floor_ulps=140.0)},
+}
+
 # Measured on the zoo (random init, seed 20231120) with the ci profile, current stack, CPU,
 # nopad and pad_left cases, fp32 and bf16 pooled: the largest ||variant - golden|| / ||golden||
 # seen was int8 0.122 (minilm), nf4 0.591 (mistral), nf4+double-quant 0.591, fp4 0.686 (llama).
@@ -123,8 +138,9 @@ def float64_agreement_ulps(variant: str, kind: str = "") -> float:
         kind, FLOAT64_AGREEMENT_ULPS["default"])
 
 
-def kernel(dtype: str) -> KernelTolerance:
-    return KERNEL[dtype]
+def kernel(dtype: str, kind: str = "") -> KernelTolerance:
+    """A kind's own record where it has one (KERNEL_BY_KIND), else the dtype's."""
+    return KERNEL_BY_KIND.get(kind, {}).get(dtype) or KERNEL[dtype]
 
 
 def quant(scheme: str) -> QuantTolerance:

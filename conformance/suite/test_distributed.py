@@ -390,7 +390,8 @@ def test_distributed_save_load(case: Case, group: Any, model_cache: ModelCache,
     assert torch.equal(got[real], plain[real]), f"{case.id}: the reloaded model's outputs differ"
     golden = model_cache.golden(case.model, case.dtype)
     problem, figures = compare.kernel_verdict(_out(result, case, "saved/outputs"), plain,
-                                              golden_outputs(model_cache, golden, batch), real, case.dtype)
+                                              golden_outputs(model_cache, golden, batch), real, case.dtype,
+                                              case.model.kind)
     metrics.update(figures)
     assert problem is None, f"{case.id}: the sharded model's outputs before saving: {problem}"
 

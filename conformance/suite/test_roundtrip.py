@@ -211,7 +211,7 @@ def test_save_load(case: Case, model_cache: ModelCache, metrics: dict[str, Any],
     plain = model_cache.outputs(reference, BATCH)
     problem = compare.finiteness(out, plain, gold, real)
     if problem is None:
-        problem, figures = compare.kernel_verdict(out, plain, gold, real, case.dtype)
+        problem, figures = compare.kernel_verdict(out, plain, gold, real, case.dtype, case.model.kind)
         metrics.update({f"swapped_{k}": v for k, v in figures.items()})
     metrics["swapped_max_abs_diff_to_original"] = float((out - expected)[real].abs().max())
     _check(case, f"sharded, reloaded with {other}", problem)
