@@ -367,21 +367,25 @@ def limit_outcome(entry: dict[str, Any], logits: Any) -> tuple[str, str | None]:
     return "ran", None
 
 
-def generation_rows(zoo_model: Any, vocab_size: int) -> list[Any] | None:
-    """The prompts the ranks generate from, each row's tokens: the shipped prompts under a trained
-    model's tokenizer (GENERATION_PICKS); for a mixture of experts without trained weights, fixed
-    token rows (TOKEN_PROMPTS), so that expert parallelism, which only such a model takes, is
-    judged on greedy decoding too. None for any other model."""
-    import torch
-
-    from conformance import generation
+def token_prompted(zoo_model: Any) -> bool:
+    """A mixture of experts without trained weights: it generates from fixed token rows
+    (TOKEN_PROMPTS), so that expert parallelism, which takes no other model, is judged on greedy
+    decoding too."""
     from conformance.routing import routed_k
     from conformance.zoo import model_config
 
-    if zoo_model.trained:
-        corpus = generation.prompts(zoo_model.location)
-        return [torch.tensor(corpus[i][:n]) for i, n in GENERATION_PICKS] if corpus else None
-    if routed_k(model_config(zoo_model)):
-        return TOKEN_PROMPTS.rows(vocab_size)
-    return None
+    return not zoo_model.trained and routed_k(model_config(zoo_model)) is not None
 
+
+def generation_rows(zoo_model: Any, vocab_size: int) -> list[Any] | None:
+    """The prompts the ranks generate from, each row's tokens: the shipped prompts under a trained
+    model's tokenizer (GENERATION_PICKS), or a `token_prompted` model's fixed rows; None for any
+    other model, or a trained one without a tokenizer."""
+    import torch
+
+    from conformance import generation
+
+    if token_prompted(zoo_model):
+        return TOKEN_PROMPTS.rows(vocab_size)
+    corpus = generation.prompts(zoo_model.location) if zoo_model.trained else None
+    return [torch.tensor(corpus[i][:n]) for i, n in GENERATION_PICKS] if corpus else None

@@ -65,43 +65,46 @@ def margins_per_row(golden: Any, batch: BatchSpec) -> Any:
     return margins
 
 
-def tie_margin(dtype: str) -> float:
+def tie_margin(dtype: str, scheme: str = "") -> float:
     """The relative router-logit margin under which a position is a routing near tie:
-    tolerances.ROUTING_TIE_ULPS x eps(dtype)."""
-    return tolerances.routing_tie_ulps(dtype) * eps(dtype)
+    tolerances.ROUTING_TIE_ULPS x eps(dtype), or a quantization scheme's wider margin where it has
+    one (tolerances.ROUTING_TIE_QUANT: its router logits move by its own error)."""
+    return max(tolerances.routing_tie_ulps(dtype) * eps(dtype), tolerances.ROUTING_TIE_QUANT.get(scheme, 0.0))
 
 
-def decided(margins: Any, real: Any, dtype: str) -> Any:
-    """Real positions before their row's first near tie: margin < tie_margin(dtype)."""
+def decided(margins: Any, real: Any, dtype: str, scheme: str = "") -> Any:
+    """Real positions before their row's first near tie: margin < tie_margin(dtype, scheme)."""
     import torch
 
-    tie = real & (margins < tie_margin(dtype))
+    tie = real & (margins < tie_margin(dtype, scheme))
     before_first_tie = torch.cumsum(tie.long(), dim=-1) == 0
     return real & before_first_tie
 
 
 def judged(cache: Any, golden: Any, batch: BatchSpec, dtype: str,
-           metrics: dict[str, Any] | None = None) -> Any:
+           metrics: dict[str, Any] | None = None, scheme: str = "") -> Any:
     """The positions a check compares on `batch`: its real tokens, for a mixture of experts only
-    those before the row's first routing near tie (counted in `metrics`)."""
+    those before the row's first routing near tie (counted in `metrics`); `scheme`: a quantized
+    path judged against golden, whose near ties are its scheme's."""
     real = batch.mask().bool()
     if experts_per_token(golden.model) is None:
         return real
-    found = decided(cache.routing_margins(golden, batch), real, dtype)
+    found = decided(cache.routing_margins(golden, batch), real, dtype, scheme)
     if metrics is not None:
         metrics["routing_real"] = metrics.get("routing_real", 0) + int(real.sum())
         metrics["routing_set_aside"] = metrics.get("routing_set_aside", 0) + int((real & ~found).sum())
     return found
 
 
-def skip_if_nothing_judged(metrics: dict[str, Any], dtype: str, model: str) -> None:
+def skip_if_nothing_judged(metrics: dict[str, Any], dtype: str, model: str, scheme: str = "") -> None:
     """After a check's examples: when every real position was set aside, the check judged
     nothing and says so (a skip with the figures), rather than passing."""
     import pytest
 
     real, aside = metrics.get("routing_real", 0), metrics.get("routing_set_aside", 0)
     if real and aside == real:
+        where = f"{scheme} quantization" if tolerances.ROUTING_TIE_QUANT.get(scheme) else "this dtype"
         pytest.skip(f"every one of the {real} real positions drawn on {model} in {dtype} follows a "
-                    f"routing near tie (top-k router margin under {tie_margin(dtype):.3g} "
-                    "of max|router logit| in the golden run): the expert choice there is a coin "
-                    "toss in this dtype, so nothing was judged (fp32 judges this model)")
+                    f"routing near tie (top-k router margin under {tie_margin(dtype, scheme):.3g} "
+                    f"of max|router logit| in the golden run): the expert choice there is a coin "
+                    f"toss under {where}, so nothing was judged (fp32 judges this model)")

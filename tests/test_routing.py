@@ -27,6 +27,18 @@ def test_the_rule_is_per_dtype() -> None:
     assert not routing.decided(margins, real, "bf16").any()
 
 
+def test_a_quantized_path_has_its_schemes_ties() -> None:
+    """int8 moves the router logits by its own error: a margin decided for fp32's rounding is a tie
+    for it (tolerances.ROUTING_TIE_QUANT); a scheme without a margin keeps the dtype's rule."""
+    margin = routing.tie_margin("fp32", "int8") / 2
+    assert margin > routing.tie_margin("fp32")
+    margins = torch.full((1, 3), margin, dtype=torch.float64)
+    real = torch.ones(1, 3, dtype=torch.bool)
+    assert routing.decided(margins, real, "fp32").all()
+    assert not routing.decided(margins, real, "fp32", "int8").any()
+    assert routing.tie_margin("fp32", "nf4") == routing.tie_margin("fp32")
+
+
 def test_dense_models_have_no_routing() -> None:
     class Config:
         num_hidden_layers = 2

@@ -30,11 +30,10 @@ from conformance import compare, decoding, distributed, generation
 from conformance.cases import Case, Selection
 from conformance.checks import golden_outputs, load_or_fail, max_len, reference_noise
 from conformance.outcomes import not_applicable
-from conformance.routing import routed_k
 from conformance.running import LoadError, ModelCache, forward, load
 from conformance.strategies import pad_rows
 from conformance.variants import REFERENCE, REGISTRY, SHARDING_LIMITS
-from conformance.zoo import ZooModel, auto_class, materialize, model_config
+from conformance.zoo import ZooModel, auto_class, materialize
 
 DIST = {"distributed": True}
 PROPERTY_MAX_LEN = 65
@@ -315,12 +314,7 @@ def test_distributed_cache_consistency(case: Case, group: Any, model_cache: Mode
            f"dynamic-cache decoding in chunks {distributed.CACHE_CHUNKS} vs one full forward")
 
 
-def _generates(model: ZooModel) -> bool:
-    """Trained models, and a mixture of experts (ep2 takes nothing else): `distributed.generation_rows`."""
-    return model.trained or routed_k(model_config(model)) is not None
-
-
-@pytest.mark.cases(model_filter=_generates, **DIST)
+@pytest.mark.cases(model_filter=lambda model: model.trained or distributed.token_prompted(model), **DIST)
 def test_distributed_generation(case: Case, group: Any, model_cache: ModelCache,
                                 metrics: dict[str, Any]) -> None:
     import torch

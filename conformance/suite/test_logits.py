@@ -30,6 +30,7 @@ def test_logits(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) ->
     variant, reference, golden = load_or_fail(model_cache, case)
     dtype_honoured(variant)
     run_proven(variant, BatchSpec((8,), "none"), metrics)  # a silent fallback fails fast, unshrunk
+    scheme = "" if case.variant.kernel_class else case.variant.tolerance  # its routing near ties
 
     @given(batch=batch_specs(padding=case.padding, max_len=max_len(reference)))
     def check(batch: BatchSpec) -> None:
@@ -40,7 +41,7 @@ def test_logits(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) ->
         real = batch.mask().bool()
         problem = compare.finiteness(out, plain, expected, real)
         assert problem is None, f"{case.id}: {problem}"
-        real = routing.judged(model_cache, golden, batch, case.dtype, metrics)
+        real = routing.judged(model_cache, golden, batch, case.dtype, metrics, scheme)
         if not real.any():  # a mixture of experts' rows all open on a routing near tie
             return
         if case.variant.reference:  # REF: the plain path itself, within its envelope of golden
@@ -59,4 +60,4 @@ def test_logits(case: Case, model_cache: ModelCache, metrics: dict[str, Any]) ->
         assert problem is None, f"{case.id}: {problem}"
 
     check()
-    routing.skip_if_nothing_judged(metrics, case.dtype, case.model.name)
+    routing.skip_if_nothing_judged(metrics, case.dtype, case.model.name, scheme)
