@@ -162,7 +162,9 @@ def loss_labels(loaded: Loaded, ids: Any, mask: Any) -> tuple[Any, bool]:
     inputs scores each position against the label there, unshifted (it shifts labels only to make
     decoder inputs, and these are given): its labels are its decoder tokens, pads ignored."""
     if loaded.zoo.kind == "seq2seq":
-        decoder = _decoder_side(loaded, ids.cpu(), mask.cpu())["decoder_input_ids"].cpu()
+        from conformance.running import decoder_tokens
+
+        decoder = decoder_tokens(loaded, ids.cpu(), mask.cpu())
         return decoder.masked_fill(mask.cpu() == 0, -100), False
     return causal_labels(ids, mask), True
 

@@ -183,18 +183,25 @@ def with_decoder_inputs(loaded: Loaded, inputs: dict[str, Any]) -> dict[str, Any
         return inputs
     if speech_encoder(loaded.model.config):
         return speech_inputs(loaded, inputs)
-    from conformance.strategies import FIRST_TOKEN
-
-    ids = inputs["input_ids"]
-    span = loaded.vocab_size - FIRST_TOKEN
-    decoder = FIRST_TOKEN + (ids * DECODER_TOKEN_STRIDE + DECODER_TOKEN_OFFSET) % span
     mask = inputs.get("attention_mask")
     out = dict(inputs)
     if mask is not None:
-        decoder = decoder.where(mask.bool(), loaded.pad_id)
         out["decoder_attention_mask"] = mask
-    out["decoder_input_ids"] = decoder
+    out["decoder_input_ids"] = decoder_tokens(loaded, inputs["input_ids"], mask)
     return out
+
+
+def decoder_tokens(loaded: Loaded, ids: Any, mask: Any | None) -> Any:
+    """The decoder's tokens for drawn `ids`, as `with_decoder_inputs` gives them, without building
+    the encoder's side: a speech encoder-decoder's decoder reads the drawn tokens themselves; a token
+    one's reads a fixed map of the encoder's token at each position, pad where the mask is 0."""
+    if speech_encoder(loaded.model.config):
+        return ids
+    from conformance.strategies import FIRST_TOKEN
+
+    span = loaded.vocab_size - FIRST_TOKEN
+    decoder = FIRST_TOKEN + (ids * DECODER_TOKEN_STRIDE + DECODER_TOKEN_OFFSET) % span
+    return decoder if mask is None else decoder.where(mask.bool(), loaded.pad_id)
 
 
 def speech_inputs(loaded: Loaded, inputs: dict[str, Any]) -> dict[str, Any]:

@@ -484,3 +484,17 @@ def test_nested_hidden_states_are_a_verdict_not_a_crash() -> None:
     problem, figures = _judge_hidden_states(out, ctx)
     assert problem is not None and "hidden states [1] as NestedTensors" in problem
     assert figures["nested_hidden_states"] == [1]
+
+
+@pytest.mark.parametrize("name", ["t5", "whisper"])
+def test_decoder_tokens_are_the_plain_calls_decoder_ids(name: str, tmp_path: Path) -> None:
+    """loss_labels reads the decoder's tokens from `decoder_tokens`, without building Whisper's
+    features; they must be the very ids the plain call gives the decoder."""
+    from conformance import running, zoo
+    from conformance.strategies import BatchSpec
+
+    loaded = running.load(zoo.resolve(name, zoo.default_zoo()), variants.REGISTRY["eager"], "fp32", "cpu",
+                          tmp_path)
+    ids, mask = BatchSpec((5, 2, 7), "left", seed=3).materialize(loaded.vocab_size, loaded.pad_id)
+    plain = running.with_decoder_inputs(loaded, running.plain_inputs(loaded, ids, mask))
+    assert torch.equal(running.decoder_tokens(loaded, ids, mask), plain["decoder_input_ids"])
