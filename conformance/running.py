@@ -223,7 +223,7 @@ def speech_inputs(loaded: Loaded, inputs: dict[str, Any]) -> dict[str, Any]:
     conv = getattr(loaded.model.get_encoder(), "conv1", None)  # an exported graph: fp32 features
     device, dtype = (conv.weight.device, conv.weight.dtype) if conv else (loaded.device, torch.float32)
     out = {key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")}
-    out.update(input_features=features.to(device, dtype), decoder_input_ids=ids)
+    out.update(input_features=features.to(device, dtype), decoder_input_ids=decoder_tokens(loaded, ids, mask))
     if mask is not None:
         out["decoder_attention_mask"] = mask
     return out

@@ -128,7 +128,7 @@ def test_kernel_verdict_passes_within_and_fails_beyond_bound() -> None:
 def test_seq2seq_fp32_floor_covers_the_measured_sdpa_gap_and_nothing_like_a_bug() -> None:
     """The trained BART's SDPA at 68.9 ulps of max|golden| beside an eager run at 8.7 (legacy ci,
     2026-12-07) passes under the encoder-decoders' own floor and fails under the default one; an
-    error of 1e-3 relative (a float32 softmax rounded at bf16 is ~4e-3) fails under both."""
+    error of 1e-3 relative fails under both."""
     golden = torch.linspace(-11.88, 11.88, 2 * 4 * 8, dtype=torch.float64).reshape(2, 4, 8)
     real = torch.ones(2, 4, dtype=torch.bool)
     unit = compare.eps("fp32") * 11.88
